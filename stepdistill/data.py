@@ -1,0 +1,126 @@
+"""Data sources: what a batch's conditions are, and caches of teacher ODE pairs as safetensors shards."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from stepdistill.teachers.base import Cond, Teacher
+
+# Used when a text teacher is given no prompt file: a small, varied default set for smoke runs.
+DEFAULT_PROMPTS = [
+    "a photo of a cat", "a red sports car on a mountain road", "a bowl of fruit on a wooden table",
+    "a lighthouse at sunset", "an astronaut riding a horse", "a watercolor painting of a forest",
+    "a city skyline at night", "a portrait of an old man with a beard",
+]
+
+
+class ConditionSource:
+    """Maps condition indices to the teacher's conditioning: class labels (GMM) or prompts (text teachers)."""
+
+    def __init__(self, teacher: Teacher, prompts: Sequence[str] | None = None) -> None:
+        self.teacher = teacher
+        self.num_classes = int(getattr(teacher, "num_classes", 0))
+        self.prompts = list(prompts) if prompts is not None else None
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("the prompt list is empty: give a prompts file with one prompt per line")
+
+    def __len__(self) -> int:
+        if self.prompts is not None:
+            return len(self.prompts)
+        return max(self.num_classes, 1)
+
+    def encode(self, index: Tensor) -> Cond:
+        if self.prompts is not None:
+            return self.teacher.encode([self.prompts[int(i)] for i in index])
+        return self.teacher.encode(index.cpu() if self.num_classes else torch.zeros_like(index.cpu()))
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file {p} does not exist: give a text file with one prompt per line")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {p} holds no prompt: write one prompt per line")
+    return prompts
+
+
+class ConditionDataset(Dataset):
+    """Items {"cond_index": i mod len(source)}: an epoch visits every condition equally often."""
+
+    def __init__(self, num_sources: int, length: int = 1 << 20) -> None:
+        self.num_sources, self.length = num_sources, max(length, num_sources)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"cond_index": torch.tensor(i % self.num_sources)}
+
+
+class PairDataset(Dataset):
+    """Cached teacher ODE pairs: the noise z, the teacher's endpoint x0 and the condition index."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        shards = sorted(Path(directory).glob("pairs-*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"no pair shards (pairs-*.safetensors) in {directory}")
+        parts = [load_file(s) for s in shards]
+        self.tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def __len__(self) -> int:
+        return len(self.tensors["noise"])
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def pair_cache_key(**settings: object) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def generate_pairs(teacher: Teacher, source: ConditionSource, directory: str | os.PathLike, num_pairs: int,
+                   num_steps: int, guidance: float, seed: int, batch_size: int = 1024, shard_size: int = 8192,
+                   device: torch.device | str = "cpu", key: str = "") -> Path:
+    """Run the teacher's ODE sampler from fixed noise and cache (noise, x0, cond_index) in safetensors shards.
+
+    The cache is written to a temporary folder and renamed into place, so an interrupted run leaves nothing
+    half-written; an existing cache with the same key is reused."""
+    directory = Path(directory)
+    meta = {"key": key, "num_pairs": num_pairs}
+    if (directory / "meta.json").is_file() and json.loads((directory / "meta.json").read_text()) == meta:
+        return directory
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    buffers: dict[str, list[Tensor]] = {"noise": [], "x0": [], "cond_index": []}
+    shard, done = 0, 0
+    while done < num_pairs:
+        n = min(batch_size, num_pairs - done)
+        index = torch.randint(0, len(source), (n,), generator=g)
+        noise = torch.randn((n, *teacher.sample_shape), generator=g)
+        cond = source.encode(index).to(device)
+        x0 = teacher.sample(noise.to(device), cond, num_steps, guidance).cpu()
+        for k, v in (("noise", noise), ("x0", x0), ("cond_index", index)):
+            buffers[k].append(v)
+        done += n
+        if sum(len(b) for b in buffers["noise"]) >= shard_size or done == num_pairs:
+            save_file({k: torch.cat(v).contiguous() for k, v in buffers.items()},
+                      str(tmp / f"pairs-{shard:05d}.safetensors"))
+            buffers = {k: [] for k in buffers}
+            shard += 1
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    return directory

@@ -1,0 +1,223 @@
+"""Noise-schedule math: the only module that knows alpha_t, sigma_t and the model parameterizations.
+
+Every schedule here is written as x_t = alpha_t * x0 + sigma_t * eps:
+  * discrete VP (DDPM/SD/SDXL): alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), t in model timesteps 0..T-1;
+    a fractional t interpolates the Karras sigma sqrt((1-abar)/abar) linearly, as diffusers' Euler scheduler does.
+  * flow matching (SD3-style rectified flow): sigma = t / T, alpha = 1 - sigma, with the resolution shift
+    sigma' = shift * sigma / (1 + (shift - 1) * sigma) applied where timesteps are chosen (grids, sampling).
+Model outputs are one of `epsilon`, `v_prediction` (v = alpha*eps - sigma*x0), `sample` (x0) or `flow`
+(velocity u = eps - x0). All conversions are affine in the output, so guidance may be combined on raw outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import Tensor
+
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample vector [B] (or a scalar) so it broadcasts against `like` [B, ...]."""
+    if v.ndim == 0:
+        return v
+    return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class NoiseSchedule:
+    kind: Literal["vp", "flow"]
+    prediction_type: PredictionType
+    num_train_timesteps: int = 1000
+    alphas_cumprod: Tensor | None = None  # float64 [T], VP only
+    shift: float = 1.0  # flow only
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
+        if self.kind == "vp":
+            if self.alphas_cumprod is None:
+                raise ValueError("a VP schedule needs alphas_cumprod")
+            acp = self.alphas_cumprod.to(torch.float64)
+            self.alphas_cumprod = acp
+            self._karras_sigmas = ((1 - acp) / acp).sqrt()
+        elif self.kind != "flow":
+            raise ValueError(f"schedule kind {self.kind!r} is not 'vp' or 'flow'")
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def vp(
+        cls,
+        beta_schedule: str = "scaled_linear",
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        prediction_type: PredictionType = "epsilon",
+        num_train_timesteps: int = 1000,
+    ) -> "NoiseSchedule":
+        """SD's default: scaled_linear betas 0.00085..0.012 over 1000 steps, eps prediction."""
+        return cls.from_scheduler_config(
+            {
+                "_class_name": "DDPMScheduler",
+                "beta_schedule": beta_schedule,
+                "beta_start": beta_start,
+                "beta_end": beta_end,
+                "prediction_type": prediction_type,
+                "num_train_timesteps": num_train_timesteps,
+            }
+        )
+
+    @classmethod
+    def flow(cls, shift: float = 3.0, num_train_timesteps: int = 1000) -> "NoiseSchedule":
+        """SD3's default: shift 3.0, velocity prediction."""
+        return cls("flow", "flow", num_train_timesteps, shift=shift)
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """Build from a diffusers scheduler config (dict or FrozenDict); betas come from diffusers itself."""
+        from diffusers import DDPMScheduler
+
+        config = dict(config)
+        name = str(config.get("_class_name", ""))
+        if "FlowMatch" in name:
+            if config.get("use_dynamic_shifting"):
+                raise ValueError(
+                    f"{name} with use_dynamic_shifting=True (resolution-dependent shift, Flux-style) is not "
+                    "supported: set a fixed `shift` in the scheduler config"
+                )
+            return cls.flow(float(config.get("shift", 1.0)), int(config.get("num_train_timesteps", 1000)))
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "rescale_betas_zero_snr")
+        ddpm = DDPMScheduler(**{k: config[k] for k in keys if k in config})
+        prediction_type = config.get("prediction_type", "epsilon")
+        return cls("vp", prediction_type, ddpm.config.num_train_timesteps, ddpm.alphas_cumprod.clone())
+
+    # ---------------------------------------------------------------- alpha_t, sigma_t
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha_t, sigma_t in float64 for model timesteps t (any shape)."""
+        t = torch.as_tensor(t).to(torch.float64)
+        if self.kind == "flow":
+            sigma = t / self.num_train_timesteps
+            return 1 - sigma, sigma
+        ks = self._karras_sigmas.to(t.device)
+        lo = t.floor().clamp(0, self.num_train_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        w = t - lo
+        k = ks[lo.long()] * (1 - w) + ks[hi.long()] * w
+        alpha = (1 + k * k).rsqrt()
+        return alpha, k * alpha
+
+    def _coeffs(self, t: Tensor, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=like.device))
+        return _bcast(alpha, like).to(dtype), _bcast(sigma, like).to(dtype)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Forward process x_t = alpha_t x0 + sigma_t eps, computed in fp32 and returned in x0's dtype."""
+        dtype = torch.promote_types(x0.dtype, torch.float32)
+        a, s = self._coeffs(t, x0, dtype)
+        return (a * x0.to(dtype) + s * eps.to(dtype)).to(x0.dtype)
+
+    # ---------------------------------------------------------------- parameterizations
+    def to_x0_eps(
+        self,
+        out: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        prediction_type: PredictionType | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[Tensor, Tensor]:
+        """Convert a model output into (x0_hat, eps_hat), in `dtype` (fp64 where DMD2's code uses it)."""
+        kind = prediction_type or self.prediction_type
+        a, s = self._coeffs(t, x_t, dtype)
+        out, x_t = out.to(dtype), x_t.to(dtype)
+        if kind == "epsilon":
+            return (x_t - s * out) / a, out
+        if kind == "sample":
+            return out, (x_t - a * out) / s
+        if kind == "v_prediction":  # alpha^2 + sigma^2 = 1
+            return a * x_t - s * out, s * x_t + a * out
+        if kind == "flow":  # alpha + sigma = 1
+            return x_t - s * out, x_t + a * out
+        raise ValueError(f"prediction_type {kind!r} is not one of {PREDICTION_TYPES}")
+
+    def from_x0_eps(
+        self, x0: Tensor, eps: Tensor, t: Tensor, prediction_type: PredictionType | None = None
+    ) -> Tensor:
+        """The output a model of `prediction_type` should give for (x0, eps): its regression target."""
+        kind = prediction_type or self.prediction_type
+        if kind == "epsilon":
+            return eps
+        if kind == "sample":
+            return x0
+        if kind == "flow":
+            return eps - x0
+        if kind == "v_prediction":
+            dtype = torch.promote_types(x0.dtype, torch.float32)
+            a, s = self._coeffs(t, x0, dtype)
+            return (a * eps - s * x0).to(x0.dtype)
+        raise ValueError(f"prediction_type {kind!r} is not one of {PREDICTION_TYPES}")
+
+    # ---------------------------------------------------------------- solver
+    def ddim_step(self, x0: Tensor, eps: Tensor, t_prev: Tensor | None) -> Tensor:
+        """Deterministic DDIM step (= Euler for flow): x_s = alpha_s x0 + sigma_s eps; t_prev=None gives x0."""
+        if t_prev is None:
+            return x0
+        a, s = self._coeffs(t_prev, x0, x0.dtype)
+        return a * x0 + s * eps
+
+    def step(
+        self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor | None, prediction_type: PredictionType | None = None
+    ) -> Tensor:
+        """One deterministic solver step of a model output from t to t_prev, in x_t's dtype (fp32 math)."""
+        x0, eps = self.to_x0_eps(out, x_t, t, prediction_type)
+        return self.ddim_step(x0, eps, t_prev).to(x_t.dtype)
+
+    def boundary_scalings(
+        self, t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+    ) -> tuple[Tensor, Tensor]:
+        """Consistency-model c_skip(t), c_out(t) (LCM's discrete form, diffusers LCMScheduler)."""
+        scaled = torch.as_tensor(t).to(torch.float64) * timestep_scaling
+        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+        c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+        return c_skip, c_out
+
+    # ---------------------------------------------------------------- timesteps
+    def shift_sigma(self, sigma: Tensor) -> Tensor:
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def sample_timesteps(
+        self,
+        n: int,
+        low: float = 0.0,
+        high: float = 1.0,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """n training timesteps uniform in the fraction range [low, high] of the schedule.
+
+        VP: integers in [int(low*T), int(high*T)] (DMD's 0.02..0.98 gives 20..980); flow: u ~ U[low, high]
+        mapped through the shift, t = T * shift(u).
+        """
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"timestep fraction range [{low}, {high}] must satisfy 0 <= low <= high <= 1")
+        T = self.num_train_timesteps
+        if self.kind == "vp":
+            lo, hi = int(low * T), min(int(high * T), T - 1)
+            return torch.randint(lo, hi + 1, (n,), generator=generator, device="cpu").to(device)
+        u = low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64, device="cpu")
+        return (self.shift_sigma(u) * T).to(torch.float32).to(device)
+
+    def inference_timesteps(self, num_steps: int) -> list[float]:
+        """Timesteps of an n-step sampler starting at pure noise ("trailing" spacing for VP; shifted linspace
+        for flow, as FlowMatchEulerDiscreteScheduler). The final step goes to clean data."""
+        T = self.num_train_timesteps
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if self.kind == "vp":
+            ts = torch.arange(T, 0, -T / num_steps).round() - 1
+            return [int(t) for t in ts]
+        sigma_min = self.shift_sigma(torch.tensor(1.0 / T, dtype=torch.float64))  # diffusers shifts it twice
+        sigmas = torch.linspace(1.0, float(sigma_min), num_steps, dtype=torch.float64)
+        return [float(t) for t in (self.shift_sigma(sigmas) * T).to(torch.float32)]

@@ -1,0 +1,134 @@
+"""Students: a generator G(z, cond) -> x0 in one step or k steps with re-noising between them."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from stepdistill.schedules import PredictionType
+from stepdistill.teachers.base import Cond, Teacher
+
+# LoRA targets of the diffusers LCM-LoRA / DMD2 SDXL recipes (attention, feed-forward, resnet convs, time MLP).
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class StudentConfig:
+    kind: str = "copy"  # copy | smaller | lora
+    timesteps: list[float] = field(default_factory=lambda: [999])  # conditioning timestep of each sampling step
+    prediction_type: str | None = None  # None: the teacher's parameterization
+    overrides: dict = field(default_factory=dict)  # backbone config overrides for `smaller`
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_targets: list[str] = field(default_factory=lambda: list(UNET_LORA_TARGETS))
+
+    CHOICES = {"kind": ("copy", "smaller", "lora"),
+               "prediction_type": (None, "epsilon", "v_prediction", "sample", "flow")}
+
+
+class Generator(nn.Module):
+    """Wraps a backbone of the teacher's architecture; step i sees its input as x_{t_i} (t_0 may be < T: pure
+    noise is then read as if it were x_{t_0}, DMD2's SDXL one-step trick with t_0 = 399)."""
+
+    def __init__(self, backbone: nn.Module, teacher: Teacher, timesteps: list[float],
+                 prediction_type: PredictionType | None = None) -> None:
+        super().__init__()
+        if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+            raise ValueError(f"student timesteps must be a non-empty strictly decreasing list, got {timesteps}")
+        self.backbone = backbone
+        self._teacher = [teacher]  # a plain list keeps the (frozen, non-Module) teacher out of state_dict
+        self.timesteps = [float(t) for t in timesteps]
+        self.prediction_type = prediction_type or teacher.schedule.prediction_type
+
+    @property
+    def teacher(self) -> Teacher:
+        return self._teacher[0]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def timestep(self, step: int, batch: int, device: torch.device) -> Tensor:
+        return torch.full((batch,), self.timesteps[step], device=device)
+
+    def forward(self, x_t: Tensor, cond: Cond, step: int = 0) -> Tensor:
+        """x0 prediction (fp32) of sampling step `step` for input x_t."""
+        t = self.timestep(step, x_t.shape[0], x_t.device)
+        out = self.teacher.call(self.backbone, x_t, t, cond.fields)
+        x0, _ = self.teacher.schedule.to_x0_eps(out, x_t, t, self.prediction_type)
+        return x0
+
+    def renoise(self, x0: Tensor, step: int) -> Tensor:
+        """The input of sampling step `step` > 0: x0 of the previous step noised with fresh noise to t_step."""
+        t = self.timestep(step, x0.shape[0], x0.device)
+        return self.teacher.schedule.add_noise(x0, torch.randn_like(x0), t)
+
+    @torch.no_grad()
+    def simulate(self, noise: Tensor, cond: Cond, step: int) -> Tensor:
+        """Backward simulation (DMD2 §4.4): the input that the sampler feeds to `step`, produced by running the
+        student's own earlier steps without gradient."""
+        x = noise
+        for i in range(step):
+            x = self.renoise(self(x, cond, i), i + 1)
+        return x
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond: Cond, num_steps: int | None = None) -> Tensor:
+        """k-step sampling: x0 = G(x_{t_i}), re-noised to t_{i+1} with fresh noise (LCMScheduler's rule)."""
+        n = num_steps or self.num_steps
+        return self(self.simulate(noise, cond, n - 1), cond, n - 1)
+
+
+def build_student(teacher: Teacher, cfg: StudentConfig) -> Generator:
+    """A copy of the teacher backbone, a smaller backbone of the same family, or a LoRA on a frozen copy."""
+    if cfg.kind == "copy":
+        backbone = teacher.build_backbone()
+    elif cfg.kind == "smaller":
+        backbone = build_smaller_backbone(teacher.build_backbone(), cfg.overrides)
+    elif cfg.kind == "lora":
+        backbone = add_lora(teacher.build_backbone(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    else:
+        raise ValueError(f"student.kind {cfg.kind!r} is not one of {StudentConfig.CHOICES['kind']}")
+    return Generator(backbone, teacher, cfg.timesteps, cfg.prediction_type)
+
+
+def build_smaller_backbone(template: nn.Module, overrides: dict) -> nn.Module:
+    """The template's architecture with config overrides (fewer blocks/channels), freshly initialized."""
+    if not overrides:
+        raise ValueError("student.kind=smaller needs student.overrides, e.g. {block_out_channels: [32, 64]}")
+    if hasattr(template, "config") and hasattr(type(template), "from_config"):  # a diffusers model
+        unknown = sorted(set(overrides) - set(template.config))
+        if unknown:
+            raise ValueError(f"student.overrides has keys {unknown} that {type(template).__name__}'s config lacks")
+        return type(template).from_config({**template.config, **overrides})
+    from stepdistill.mlp import TimeCondMLP
+
+    if isinstance(template, TimeCondMLP):
+        allowed = {"hidden", "depth", "time_dim"}
+        if set(overrides) - allowed:
+            raise ValueError(f"student.overrides for the MLP backbone take {sorted(allowed)}, got {sorted(overrides)}")
+        return TimeCondMLP(template.data_dim, template.num_classes, **overrides)
+    raise ValueError(f"cannot build a smaller version of {type(template).__name__}")
+
+
+def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
+    """Freeze the backbone and add a peft LoRA adapter (named "default") on the target modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {n for n, _ in backbone.named_modules()}
+    present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    if not present:
+        raise ValueError(f"none of the LoRA targets {targets} exist in {type(backbone).__name__}")
+    backbone.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present)
+    if hasattr(backbone, "add_adapter"):  # diffusers models carry peft integration
+        backbone.add_adapter(config)
+        return backbone
+    return inject_adapter_in_model(config, backbone)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).requires_grad_(False).eval()

@@ -1,0 +1,128 @@
+"""The teacher adapter: one interface over eps / v / flow denoisers, classifier-free guidance and encoding.
+
+In the spirit of k-diffusion's `external.py`: objectives ask a teacher for `predict(x_t, t, cond, guidance)`
+and never see how the backbone is parameterized or conditioned. The same teacher also knows how to call any
+backbone of its architecture (`call`), which is how students and fake-score critics built from it are run.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from stepdistill.schedules import NoiseSchedule
+
+
+def _cat_fields(parts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@dataclass
+class Cond:
+    """Conditioning of a batch: backbone keyword tensors for the prompts (`fields`) and for the null prompt
+    (`null`, same batch size), so that guidance is one batched call."""
+
+    fields: dict[str, Tensor] = field(default_factory=dict)
+    null: dict[str, Tensor] = field(default_factory=dict)
+    batch_size: int = 0
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def index(self, idx: Tensor | slice) -> "Cond":
+        fields = {k: v[idx] for k, v in self.fields.items()}
+        null = {k: v[idx] for k, v in self.null.items()}
+        n = len(range(self.batch_size)[idx]) if isinstance(idx, slice) else int(torch.as_tensor(idx).numel())
+        return Cond(fields, null, n)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Cond":
+        def move(v: Tensor) -> Tensor:
+            return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
+        return Cond({k: move(v) for k, v in self.fields.items()}, {k: move(v) for k, v in self.null.items()},
+                    self.batch_size)
+
+    def with_null(self) -> dict[str, Tensor]:
+        """[null; fields] concatenated along the batch: the inputs of one guided forward pass."""
+        return _cat_fields([self.null, self.fields]) if self.fields else {}
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        if not conds[0].fields:
+            return Cond({}, {}, sum(c.batch_size for c in conds))
+        return Cond(_cat_fields([c.fields for c in conds]), _cat_fields([c.null for c in conds]),
+                    sum(c.batch_size for c in conds))
+
+
+@dataclass
+class Prediction:
+    x0: Tensor
+    eps: Tensor
+
+
+def apply_guidance(out_uncond: Tensor, out_cond: Tensor, w: float | Tensor) -> Tensor:
+    """Classifier-free guidance in the standard (Imagen / diffusers pipeline) form: uncond + w (cond - uncond).
+    w = 1 is the conditional model; the LCM paper's omega equals w - 1."""
+    if isinstance(w, Tensor) and w.ndim == 1:
+        w = w.reshape(-1, *([1] * (out_cond.ndim - 1))).to(out_cond.dtype)
+    return out_uncond + w * (out_cond - out_uncond)
+
+
+class Teacher(ABC):
+    """A frozen diffusion model behind one interface."""
+
+    schedule: NoiseSchedule
+    sample_shape: tuple[int, ...]  # one sample's latent shape, without the batch dimension
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def encode(self, prompts: Sequence | Tensor) -> Cond:
+        """Conditioning for prompts (strings) or class labels; cached where encoding is expensive."""
+
+    @abstractmethod
+    def call(self, net: nn.Module, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:
+        """Raw output of a backbone of this teacher's architecture (in its parameterization), as fp32."""
+
+    @abstractmethod
+    def model_output(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:
+        """Raw output of the frozen teacher itself, as fp32."""
+
+    @abstractmethod
+    def build_backbone(self) -> nn.Module:
+        """A trainable fp32 backbone of the teacher's architecture, initialized from the teacher where it has
+        weights (the starting point of students and fake-score critics)."""
+
+    def guided_output(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | Tensor = 1.0,
+                      net: nn.Module | None = None) -> Tensor:
+        """Raw output with classifier-free guidance, the conditional and null branches in one batched call."""
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0]) if torch.as_tensor(t).ndim == 0 else t
+
+        def run(x: Tensor, tt: Tensor, fields: dict[str, Tensor]) -> Tensor:
+            return self.model_output(x, tt, fields) if net is None else self.call(net, x, tt, fields)
+
+        if isinstance(guidance, (int, float)) and guidance == 1.0:
+            return run(x_t, t, cond.fields)
+        out_uncond, out_cond = run(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.with_null()).chunk(2)
+        return apply_guidance(out_uncond, out_cond, guidance)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | Tensor = 1.0,
+                net: nn.Module | None = None, dtype: torch.dtype = torch.float32) -> Prediction:
+        """(x0_hat, eps_hat) of the teacher (or of `net` of its architecture) with guidance, in `dtype`."""
+        out = self.guided_output(x_t, t, cond, guidance, net)
+        x0, eps = self.schedule.to_x0_eps(out, x_t, t, dtype=dtype)
+        return Prediction(x0, eps)
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond: Cond, num_steps: int = 50, guidance: float = 1.0) -> Tensor:
+        """The teacher's own deterministic ODE sampler (DDIM, trailing spacing / flow Euler) from pure noise."""
+        timesteps = self.schedule.inference_timesteps(num_steps)
+        x = noise.to(torch.float32)  # pure noise, as diffusers pipelines start (init_noise_sigma = 1)
+        for i, t in enumerate(timesteps):
+            t_vec = torch.full((x.shape[0],), t, device=x.device)
+            pred = self.predict(x, t_vec, cond, guidance)
+            t_prev = torch.full_like(t_vec, timesteps[i + 1]) if i + 1 < len(timesteps) else None
+            x = self.schedule.ddim_step(pred.x0, pred.eps, t_prev)
+        return x
