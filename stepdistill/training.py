@@ -245,6 +245,7 @@ class Trainer:
             self.optimizers[phase].step()
             self.schedulers[phase].step()
             self._zero_all()
+            self.objective.after_step(phase, self.step)
             for k, v in losses.items():
                 logs[f"{phase}/{k}"] = float(v.detach())
         if self.ema is not None:

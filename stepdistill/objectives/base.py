@@ -67,6 +67,9 @@ class Objective(nn.Module):
         """Losses of `phase` for a batch: "loss" is backpropagated, other entries are logged."""
         raise NotImplementedError
 
+    def after_step(self, phase: str, step: int) -> None:
+        """Called after the optimizer of `phase` stepped (e.g. to update an EMA target network)."""
+
     def prepare_data(self, output_dir: str, device: torch.device | str) -> None:
         """Build caches (teacher pairs, latents) before training; called on the main process only."""
 
