@@ -81,7 +81,7 @@ class NoiseSchedule:
 
         config = dict(config)
         name = str(config.get("_class_name", ""))
-        if "FlowMatch" in name:
+        if "FlowMatch" in name or ("shift" in config and "beta_start" not in config):
             if config.get("use_dynamic_shifting"):
                 raise ValueError(
                     f"{name} with use_dynamic_shifting=True (resolution-dependent shift, Flux-style) is not "
