@@ -17,6 +17,8 @@ def _train(config: str | None, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg)
     result = trainer.train()
+    if result.interrupted:
+        raise Interrupted(result)
     summary: dict = {"output_dir": str(result.output_dir), "steps": result.step, "export": str(result.final_dir),
                      "skipped_steps": result.skipped_steps}
     generator = trainer.generator_for_inference()
@@ -27,6 +29,15 @@ def _train(config: str | None, overrides: list[str]) -> dict:
         summary["metrics_protocol"] = "4096 samples vs the true mixture; SW2 (256 projections), energy distance"
         (result.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, result) -> None:
+        super().__init__(f"stopped by signal {result.interrupted} at step {result.step} after saving a checkpoint; "
+                         "continue with train.resume=latest")
+        self.result = result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = _train(str(DEMO_CONFIG), args.overrides)
         else:  # pragma: no cover - argparse restricts the choices
             parser.error(f"unknown command {args.command}")
+    except Interrupted as e:
+        print(f"stepdistill: {e}", file=sys.stderr)
+        return 128 + e.result.interrupted
     except (ValueError, FileNotFoundError) as e:
         print(f"stepdistill: error: {e}", file=sys.stderr)
         return 2

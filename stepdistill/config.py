@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,15 +42,24 @@ class TeacherConfig:
     flow_shift: float = 1.0
     backbone_hidden: int = 256
     backbone_depth: int = 4
+    trust_remote_code: bool = False  # allow a pipeline folder whose components need custom Python code
 
     CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "auto"), "dtype": ("auto", "fp32", "bf16", "fp16"),
                "schedule": ("vp", "flow")}
+    RANGES = {"num_modes": ">=1", "radius": ">0", "std": ">0", "num_classes": ">=0", "flow_shift": ">0",
+              "backbone_hidden": ">=1", "backbone_depth": ">=1"}
 
 
 @dataclass
 class DataConfig:
     prompts_file: str = ""  # one prompt per line (text teachers); empty: a small built-in list
     num_workers: int = 0
+    image_dir: str = ""  # a folder of real images (e.g. a GAN real branch); checked before training
+    resolution: int = 0  # image side in pixels the student produces; 0: the teacher's default
+    bad_images: str = "refuse"  # refuse | skip: what unreadable or mis-sized files in image_dir do
+
+    CHOICES = {"bad_images": ("refuse", "skip")}
+    RANGES = {"num_workers": ">=0", "resolution": ">=0"}
 
 
 @dataclass
@@ -76,6 +88,9 @@ class TrainConfig:
     CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "report_to": ("tensorboard", "wandb", "none"),
                "nonfinite": ("stop", "skip"),
                "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine")}
+    RANGES = {"max_steps": ">=1", "batch_size": ">=1", "lr_warmup_steps": ">=0", "ema_decay": "[0,1)",
+              "checkpoint_every": ">=0", "checkpoints_limit": ">=1", "log_every": ">=1", "validate_every": ">=0",
+              "num_validation_samples": ">=1", "device_threads": ">=0"}
 
 
 @dataclass
@@ -132,6 +147,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Ranges by field name for sections that declare none (objective configs): learning rates positive, fractions in
+# [0, 1], counts of pairs/steps at least one.
+NAME_RANGES = {"lr": ">0", "weight_decay": ">=0", "max_grad_norm": ">0", "num_pairs": ">=1", "teacher_steps": ">=1"}
+SUFFIX_RANGES = {"_lr": ">0", "_fraction": "[0,1]", "_ratio": ">0"}
+
+
+def _range_error(value: Any, spec: str) -> str | None:
+    """None if `value` satisfies `spec` (">0", ">=1", "[0,1)", ...), else the rule in words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if spec.startswith(">="):
+        return None if value >= float(spec[2:]) else f"must be >= {spec[2:]}"
+    if spec.startswith(">"):
+        return None if value > float(spec[1:]) else f"must be > {spec[1:]}"
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    ok_low = value >= low if spec[0] == "[" else value > low
+    ok_high = value <= high if spec[-1] == "]" else value < high
+    return None if ok_low and ok_high else f"must lie in {spec}"
+
+
+def _range_spec(cls: type, name: str) -> str | None:
+    ranges = getattr(cls, "RANGES", None)
+    if ranges is not None:
+        return ranges.get(name)
+    if name in NAME_RANGES:
+        return NAME_RANGES[name]
+    return next((spec for suffix, spec in SUFFIX_RANGES.items() if name.endswith(suffix)), None)
+
+
 def build_dataclass(cls: type, data: dict | None, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a mapping, refusing unknown keys, wrong types and invalid choices."""
     data = dict(data or {})
@@ -149,6 +193,12 @@ def build_dataclass(cls: type, data: dict | None, prefix: str) -> Any:
     for name, options in getattr(cls, "CHOICES", {}).items():
         if getattr(obj, name) not in options:
             raise ConfigError(f"{prefix}{name}: {getattr(obj, name)!r} is not one of {list(options)}")
+    for f in dataclasses.fields(cls):
+        spec = _range_spec(cls, f.name)
+        problem = spec and _range_error(getattr(obj, f.name), spec)
+        if problem:
+            raise ConfigError(f"{prefix}{f.name} {problem}, got {getattr(obj, f.name)!r}: set a value in range, "
+                              f"e.g. {prefix}{f.name}={f.default!r}")
     return obj
 
 
@@ -215,3 +265,55 @@ def config_from_dict(tree: dict) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+TRUSTED_LIBRARIES = {"diffusers", "transformers", None}
+
+
+def check_teacher_source(cfg: TeacherConfig) -> None:
+    """Fail fast on a teacher that cannot load: no path, a missing folder, a folder that is not a diffusers
+    pipeline, custom code without trust_remote_code, or a hub id that is not cached while offline."""
+    if cfg.kind == "gmm":
+        if cfg.path:
+            raise ConfigError("teacher.path is set but teacher.kind is gmm: set teacher.kind to "
+                              "sd/sdxl/pixart/sd3/auto, or clear teacher.path")
+        return
+    if not cfg.path:
+        raise ConfigError(f"teacher.path is empty for teacher.kind={cfg.kind}: give a local diffusers pipeline "
+                          "folder or a hub id such as stabilityai/sd-turbo")
+    path = Path(cfg.path).expanduser()
+    if path.exists():
+        _check_pipeline_folder(path, cfg.trust_remote_code)
+        return
+    if not HUB_ID.match(cfg.path) or cfg.path.startswith((".", "/", "~")):
+        raise ConfigError(f"teacher.path {cfg.path}: model folder does not exist; check the path, or give a hub id "
+                          "such as stabilityai/sd-turbo")
+    offline = cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.path, "model_index.json", revision=cfg.revision or None)
+        if not isinstance(cached, str):
+            raise ConfigError(f"teacher.path {cfg.path} is a hub id but the hub is offline (HF_HUB_OFFLINE=1 or "
+                              "teacher.local_files_only=true) and it is not in the local cache: run "
+                              f"`huggingface-cli download {cfg.path}` where there is internet, or point teacher.path "
+                              "at a local pipeline folder")
+
+
+def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise ConfigError(f"teacher.path {path} is not a diffusers pipeline folder (no model_index.json): give the "
+                          "folder that save_pretrained wrote, or a hub id")
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"teacher.path {path}: model_index.json is not valid JSON ({e}); re-download the "
+                          "pipeline") from e
+    custom = sorted(name for name, value in spec.items() if isinstance(value, list) and len(value) == 2
+                    and value[0] not in TRUSTED_LIBRARIES)
+    custom += sorted(str(p.relative_to(path)) for p in path.rglob("*.py"))
+    if custom and not trust_remote_code:
+        raise ConfigError(f"teacher.path {path} needs custom code ({', '.join(custom)}), which runs arbitrary Python; "
+                          "read it, then set teacher.trust_remote_code=true to allow it")

@@ -124,3 +124,58 @@ def generate_pairs(teacher: Teacher, source: ConditionSource, directory: str | o
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return directory
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderDataset(Dataset):
+    """Real images from a folder, every file decoded once up front: unreadable files, and files whose size is not
+    `resolution` x `resolution` (when set), are refused with a list of them, or skipped and counted."""
+
+    def __init__(self, directory: str | os.PathLike, resolution: int = 0, policy: str = "refuse") -> None:
+        from PIL import Image
+
+        root = Path(directory)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.image_dir {root} does not exist: give a folder of images")
+        self.files: list[Path] = []
+        self.skipped: dict[str, list[str]] = {"unreadable": [], "mis-sized": []}
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    size = img.size
+            except (OSError, ValueError, Image.DecompressionBombError):
+                self.skipped["unreadable"].append(str(path))
+                continue
+            if resolution and size != (resolution, resolution):
+                self.skipped["mis-sized"].append(f"{path} ({size[0]}x{size[1]})")
+                continue
+            self.files.append(path)
+        bad = [f"{reason}: {f}" for reason, files in self.skipped.items() for f in files]
+        if bad and policy == "refuse":
+            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+            expected = f" (expected {resolution}x{resolution})" if resolution else ""
+            raise ValueError(f"data.image_dir {root} has {len(bad)} bad files{expected}: {shown}. Fix or remove "
+                             "them, or set data.bad_images=skip to train without them")
+        if not self.files:
+            raise ValueError(f"data.image_dir {root} holds no usable image ({', '.join(IMAGE_SUFFIXES)}; "
+                             f"{len(bad)} skipped)")
+        self.resolution = resolution
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        """{"image": [3, H, W] in [-1, 1]}."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.float32)
+        return {"image": torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0}

@@ -5,42 +5,54 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import pickle
+import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stepdistill.config import Config, config_to_dict
-from stepdistill.data import ConditionSource, read_prompts
+from stepdistill.config import Config, check_teacher_source, config_to_dict
+from stepdistill.data import ConditionSource, ImageFolderDataset, read_prompts
 from stepdistill.objectives import REGISTRY, Objective
 from stepdistill.objectives.base import get_module, set_module
+from stepdistill.safeload import refuse_pickle
 from stepdistill.students import build_student
 from stepdistill.teachers import load_teacher
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+TEST_PAUSE_ENV = "STEPDISTILL_TEST_PAUSE"  # test-only, see Trainer._test_pause
 
 
 class NonFiniteError(RuntimeError):
-    """A loss or gradient was NaN/inf and the config says to stop."""
+    """A loss, gradient or weight was NaN/inf and training cannot go on as configured."""
 
 
 @dataclass
 class TrainResult:
     output_dir: Path
     step: int
-    final_dir: Path
+    final_dir: Path | None
     skipped_steps: int
+    interrupted: int = 0  # the signal (SIGINT/SIGTERM) that stopped the run after a checkpoint; 0: it finished
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -49,8 +61,76 @@ def resolve_mixed_precision(value: str) -> str:
     return value
 
 
+def lr_factor(kind: str, warmup: int, total: int, processes: int) -> Callable[[int], float]:
+    """LR multiplier as a function of the scheduler's count. accelerate steps a prepared scheduler once per process
+    at each training step, so the count is divided back into training steps (the schedule is the same whatever
+    the number of processes). The shapes are diffusers' get_scheduler ones (cosine: half a period)."""
+
+    def factor(count: int) -> float:
+        step = count // processes
+        if kind != "constant" and step < warmup:
+            return step / max(1, warmup)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
+class EMA:
+    """Exponential moving average of parameters, saved as safetensors. The decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates, as diffusers' EMAModel does by default."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+        self.stored: list[Tensor] = []
+
+    @torch.no_grad()
+    def step(self, params: Iterable[torch.nn.Parameter]) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for s, p in zip(self.shadow, params):
+            s.lerp_(p.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, params: Iterable[torch.nn.Parameter]) -> None:
+        for s, p in zip(self.shadow, params):
+            p.copy_(s)
+
+    def store(self, params: Iterable[torch.nn.Parameter]) -> None:
+        self.stored = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def restore(self, params: Iterable[torch.nn.Parameter]) -> None:
+        for s, p in zip(self.stored, params):
+            p.copy_(s)
+        self.stored = []
+
+    def save(self, path: Path) -> None:
+        save_file({f"shadow.{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.shadow)}, str(path),
+                  metadata={"updates": str(self.updates)})
+
+    def load(self, path: Path) -> None:
+        if not path.is_file():
+            raise ValueError(f"{path.parent} holds no EMA state ({EMA_FILE}): it was written with train.ema_decay=0; "
+                             "resume with that setting or start a new run")
+        from safetensors import safe_open
+
+        tensors = load_file(str(path))
+        if len(tensors) != len(self.shadow):
+            raise ValueError(f"{path} holds {len(tensors)} EMA tensors, this model has {len(self.shadow)}")
+        for i, s in enumerate(self.shadow):
+            s.copy_(tensors[f"shadow.{i}"])
+        with safe_open(str(path), "pt") as f:
+            self.updates = int(f.metadata()["updates"])
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder counts once its state file is in place)."""
+    """Complete checkpoints, oldest first (a folder counts once it was renamed into place with its state file)."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -58,7 +138,16 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders whose write was interrupted (temporary folders, or no state file)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not (p / STATE_FILE).is_file())
+
+
 def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint `train.resume` names: a folder, or with "latest" the newest complete one (None if none)."""
     if not resume:
         return None
     if resume != "latest":
@@ -67,19 +156,21 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
             raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
                                     "use train.resume=latest or a checkpoint-N folder")
         return path
-    root = output_dir / "checkpoints"
-    if root.is_dir():
-        for p in root.iterdir():
-            if not (p / STATE_FILE).is_file():
-                logger.warning("skipping incomplete checkpoint %s (interrupted write)", p)
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def build_objective(cfg: Config, device: torch.device | str) -> Objective:
-    """Teacher, conditions, student and objective as the config describes them."""
-    teacher = load_teacher(cfg.teacher, device)
+    """Teacher, conditions, student and objective as the config describes them (prompts read before the
+    teacher loads, so a bad prompt file fails fast)."""
     prompts = read_prompts(cfg.data.prompts_file) if cfg.data.prompts_file else None
+    teacher = load_teacher(cfg.teacher, device)
     if prompts is None and getattr(teacher, "needs_prompts", False):
         from stepdistill.data import DEFAULT_PROMPTS
 
@@ -105,8 +196,10 @@ class Trainer:
         )
         set_seed(t.seed)
         self._check_output_dir()
+        self._check_inputs()
         acc = self.accelerator
         self.objective = objective or build_objective(cfg, acc.device)
+        self._check_compatible()
         self.objective.to(acc.device)
         with acc.main_process_first():
             self.objective.prepare_data(str(self.output_dir), acc.device)
@@ -116,15 +209,17 @@ class Trainer:
                 raise ValueError(f"train.gradient_checkpointing: {type(backbone).__name__} does not support it")
             backbone.enable_gradient_checkpointing()
         self._build_optimizers()
-        self.ema = None
-        if t.ema_decay > 0:
-            self.ema = EMAModel(self._ema_parameters(), decay=t.ema_decay)
-            self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
+        self.ema = EMA(self._ema_parameters(), t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
         self.skipped_steps = 0
+        self._signal = 0
 
     # ------------------------------------------------------------------ setup
+    def _warn(self, message: str, *args: object) -> None:
+        """A warning from the main process only."""
+        if self.accelerator.is_main_process:
+            logger.warning(message, *args)
+
     def _check_output_dir(self) -> None:
         """Refuse an output folder that holds a different run unless resuming or overwriting is asked for."""
         t = self.cfg.train
@@ -143,6 +238,41 @@ class Trainer:
         raise ValueError(f"train.output_dir {self.output_dir} already holds a run: set train.resume=latest to "
                          "continue it, train.overwrite=true to replace it, or choose another output_dir")
 
+    def _check_inputs(self) -> None:
+        """Checks that need no model, run before the teacher loads: its source, the prompt file, the images."""
+        check_teacher_source(self.cfg.teacher)
+        data = self.cfg.data
+        if data.prompts_file:
+            read_prompts(data.prompts_file)
+        self.real_images = None  # checked real images, for objectives with a real-image branch
+        if data.image_dir:
+            self.real_images = ImageFolderDataset(data.image_dir, data.resolution, data.bad_images)
+            if self.real_images.num_skipped:
+                self._warn("data.image_dir: skipped %d bad files (%s); training on %d images",
+                           self.real_images.num_skipped,
+                           ", ".join(f"{len(v)} {k}" for k, v in self.real_images.skipped.items()),
+                           len(self.real_images))
+
+    def _check_compatible(self) -> None:
+        """Teacher, student and objective fit together (before pair generation or any training)."""
+        teacher, generator = self.objective.teacher, self.objective.generator
+        kind, prediction = teacher.schedule.kind, generator.prediction_type
+        if (prediction == "flow" and kind != "flow") or (prediction == "v_prediction" and kind == "flow"):
+            raise ValueError(f"student.prediction_type={prediction} does not fit the teacher's {kind} schedule: unset "
+                             f"student.prediction_type (the teacher's own: {teacher.schedule.prediction_type}) or "
+                             "use a teacher with a matching schedule")
+        resolution = self.cfg.data.resolution
+        if resolution:
+            multiple = getattr(teacher, "resolution_multiple", None)
+            if multiple is None:
+                raise ValueError(f"data.resolution={resolution}: the {type(teacher).__name__} teacher does not make "
+                                 "images; set data.resolution=0")
+            if resolution % multiple:
+                fit = max(multiple, round(resolution / multiple) * multiple)
+                raise ValueError(f"data.resolution={resolution} is not a multiple of {multiple}, which the teacher's "
+                                 f"VAE and backbone need: use e.g. data.resolution={fit}")
+        self.objective.check_compatible()
+
     def _ema_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.objective.generator.backbone.parameters() if p.requires_grad]
 
@@ -157,9 +287,9 @@ class Trainer:
                 raise ValueError(f"optimizer group {g.name!r}: module {g.module} has no trainable parameters")
             self.optimizers[g.name] = torch.optim.AdamW(params, lr=g.lr, betas=g.betas, eps=g.eps,
                                                         weight_decay=g.weight_decay)
-            self.schedulers[g.name] = get_scheduler(t.lr_scheduler, self.optimizers[g.name],
-                                                    num_warmup_steps=t.lr_warmup_steps,
-                                                    num_training_steps=t.max_steps)
+            self.schedulers[g.name] = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizers[g.name],
+                lr_factor(t.lr_scheduler, t.lr_warmup_steps, t.max_steps, acc.num_processes))
             if g.module not in module_paths:
                 module_paths.append(g.module)
         modules = [get_module(self.objective, p) for p in module_paths]
@@ -175,23 +305,47 @@ class Trainer:
         self.schedulers = dict(zip(names, prepared[k + len(names):k + 2 * len(names)]))
         self.loader = prepared[-1]
         if len(self.loader) == 0:
-            raise ValueError(f"train.batch_size {t.batch_size} is larger than the dataset "
-                             f"({len(self.objective.dataset())} items)")
+            raise ValueError(f"train.batch_size {t.batch_size} x {acc.num_processes} processes is larger than the "
+                             f"dataset ({len(self.objective.dataset())} items): lower train.batch_size")
 
     # ------------------------------------------------------------------ checkpoints
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        paths = dict.fromkeys(g.module for g in self.groups.values())
+        return [(f"{path}.{n}", p) for path in paths
+                for n, p in get_module(self.objective, path).named_parameters() if p.requires_grad]
+
+    def _check_weights_finite(self) -> None:
+        bad = [name for name, p in self._trainable() if not torch.isfinite(p).all()]
+        if self.ema is not None and not all(torch.isfinite(s).all() for s in self.ema.shadow):
+            bad.append("EMA")
+        if bad:
+            last = list_checkpoints(self.output_dir)
+            raise NonFiniteError(f"step {self.step}: non-finite weights in {', '.join(bad[:3])}; no checkpoint was "
+                                 "written. Resume from the last complete checkpoint "
+                                 f"({last[-1] if last else 'none'}) with a lower learning rate")
+
     def save_checkpoint(self) -> Path:
-        """accelerate save_state into a temporary folder, then an atomic rename; prune old checkpoints."""
+        """accelerate save_state into a temporary folder, then an atomic rename; prune old checkpoints.
+
+        Weights are checked first: a checkpoint never holds NaN/inf. A crash at any moment leaves at most a
+        temporary folder, which `resume: latest` skips and the next save removes."""
         acc = self.accelerator
+        self._check_weights_finite()
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
+        tmp = root / f"{TMP_PREFIX}{self.step}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in incomplete_checkpoints(self.output_dir):
+                shutil.rmtree(stale, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if self.ema is not None:
+                self.ema.save(tmp / EMA_FILE)
             (tmp / STATE_FILE).write_text(json.dumps({"step": self.step, "skipped_steps": self.skipped_steps}))
+            self._test_pause("save")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in list_checkpoints(self.output_dir)[:-self.cfg.train.checkpoints_limit]:
@@ -200,9 +354,18 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
+        """Restore everything save_checkpoint wrote; pickles are loaded tensors-only (weights_only)."""
+        try:
+            self.accelerator.load_state(str(path))
+        except pickle.UnpicklingError as e:
+            raise refuse_pickle(path, e) from e
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"train.resume: {path} does not fit this run's model or optimizers "
+                             f"({str(e).splitlines()[0]}); resume with the config that wrote it") from e
         state = json.loads((path / STATE_FILE).read_text())
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        if self.ema is not None:
+            self.ema.load(path / EMA_FILE)
 
     # ------------------------------------------------------------------ loop
     def _batches(self):
@@ -215,25 +378,42 @@ class Trainer:
             yield from loader
             epoch, offset = epoch + 1, 0
 
+    def _seed_step(self) -> None:
+        """Seed torch, numpy and random from (seed, step, rank): the randomness of a step does not depend on what
+        ran before it (data-loader iterators, validation, a resume), so resumed runs draw the same numbers."""
+        seed = ((self.cfg.train.seed * 1_000_003 + self.step) * 1_009 + self.accelerator.process_index) % 2**63
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _all_ranks(self, flag: bool, reduce: str) -> bool:
+        """`flag` combined over processes ("all" or "any"), so every rank takes the same branch."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        flags = self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device))
+        return bool(flags.min() > 0) if reduce == "all" else bool(flags.max() > 0)
+
     def _handle_nonfinite(self, what: str, phase: str) -> None:
         if self.cfg.train.nonfinite == "stop":
-            raise NonFiniteError(f"non-finite {what} in phase {phase!r} at step {self.step}; no checkpoint was "
-                                 "written with these weights. Lower the learning rate, or set "
+            raise NonFiniteError(f"non-finite {what} in phase {phase!r} at step {self.step}; the step was not "
+                                 "applied and no checkpoint holds these values. Lower the learning rate, or set "
                                  "train.nonfinite=skip to skip such batches")
         self.skipped_steps += 1
-        logger.warning("skipping step %d: non-finite %s in phase %r", self.step, what, phase)
+        self._warn("skipping step %d: non-finite %s in phase %r (%d skipped so far)", self.step, what, phase,
+                   self.skipped_steps)
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """All phases the objective schedules at this step; each: loss, backward, clip, step, zero all."""
+        """All phases the objective schedules at this step; each: loss, backward, clip, step, zero all. A
+        non-finite loss or gradient (on any process) stops the step before its optimizer steps."""
         logs: dict[str, float] = {}
         for phase in self.objective.phases(self.step):
             group = self.groups[phase]
             losses = self.objective.loss(phase, batch, self.step)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
-                bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            if not self._all_ranks(bool(torch.isfinite(loss.detach()).all()), "all"):
+                bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
                 self._zero_all()
-                self._handle_nonfinite(f"loss ({', '.join(bad)})", phase)
+                self._handle_nonfinite(f"loss ({', '.join(bad) or 'on another process'})", phase)
                 return logs
             self.accelerator.backward(loss)
             params = [p for p in get_module(self.objective, group.module).parameters() if p.requires_grad]
@@ -256,40 +436,94 @@ class Trainer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
 
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._signal:
+            raise KeyboardInterrupt  # a second signal aborts at once
+        self._signal = signum
+        self._warn("%s received: saving a checkpoint after this step, then stopping (send it again to abort)",
+                   signal.Signals(signum).name)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _test_pause(self, where: str) -> None:
+        """Test-only hook: with STEPDISTILL_TEST_PAUSE=<where>:<step> ("step" after a training step, "save"
+        between a checkpoint's write and its rename) the main process creates <output_dir>/paused and waits
+        up to 60 s for a signal, so tests can interrupt or SIGKILL the run at that exact point."""
+        if os.environ.get(TEST_PAUSE_ENV) != f"{where}:{self.step}" or not self.accelerator.is_main_process:
+            return
+        (self.output_dir / "paused").touch()
+        deadline = time.monotonic() + 60
+        while not self._signal and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # ------------------------------------------------------------------ run
     def train(self) -> TrainResult:
+        """Train to train.max_steps (resuming if asked); SIGINT/SIGTERM save a checkpoint and stop early."""
         acc, t = self.accelerator, self.cfg.train
+        if t.resume == "latest":
+            for p in incomplete_checkpoints(self.output_dir):
+                self._warn("skipping incomplete checkpoint %s (its write was interrupted)", p)
         resume_from = find_resume_checkpoint(self.output_dir, t.resume)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             logger.info("resumed from %s at step %d", resume_from, self.step)
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2, default=str))
+            _write_atomic(self.output_dir / "config.json",
+                          json.dumps(config_to_dict(self.cfg), indent=2, default=str))
         if t.report_to != "none":
             acc.init_trackers("stepdistill", config=_flat_scalars(config_to_dict(self.cfg)))
+        previous = self._install_signal_handlers()
+        try:
+            stopped = self._loop()
+            if stopped:
+                return TrainResult(self.output_dir, self.step, None, self.skipped_steps, stopped)
+            final_dir = self.finish()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        acc.end_training()
+        return TrainResult(self.output_dir, self.step, final_dir, self.skipped_steps)
+
+    def _loop(self) -> int:
+        """Steps until max_steps (returns 0) or until a signal, after saving a checkpoint (returns the signal)."""
+        acc, t = self.accelerator, self.cfg.train
         batches = self._batches()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and acc.is_local_main_process))
         started, start_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
-            logs = self.train_step(next(batches))
+            batch = next(batches)
+            self._seed_step()
+            logs = self.train_step(batch)
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
-                logs["steps_per_s"] = rate
+                logs["steps_per_s"] = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
                 logs["skipped_steps"] = self.skipped_steps
                 bar.set_postfix({k.split("/")[-1] if k.endswith("/loss") else k: f"{v:.4g}"
                                  for k, v in logs.items() if k.endswith("/loss") or k == "steps_per_s"})
                 if t.report_to != "none":
                     acc.log(logs, step=self.step)
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            saved = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
+            if saved:
                 self.save_checkpoint()
             if t.validate_every and self.step % t.validate_every == 0:
                 self.validate()
+            self._test_pause("step")
+            if self._all_ranks(bool(self._signal), "any"):
+                path = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step}"
+                if not saved:
+                    path = self.save_checkpoint()
+                self._warn("stopped at step %d; checkpoint %s; continue with train.resume=latest", self.step, path)
+                bar.close()
+                return self._signal or signal.SIGTERM
         bar.close()
-        final_dir = self.finish()
-        acc.end_training()
-        return TrainResult(self.output_dir, self.step, final_dir, self.skipped_steps)
+        return 0
 
     # ------------------------------------------------------------------ outputs
     def generator_for_inference(self):

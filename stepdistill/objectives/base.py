@@ -70,6 +70,10 @@ class Objective(nn.Module):
     def after_step(self, phase: str, step: int) -> None:
         """Called after the optimizer of `phase` stepped (e.g. to update an EMA target network)."""
 
+    def check_compatible(self) -> None:
+        """Raise ValueError, naming the option and the fix, if this objective cannot work with its teacher or
+        student (e.g. a flow-only option on an eps teacher); the trainer calls it before any heavy work."""
+
     def prepare_data(self, output_dir: str, device: torch.device | str) -> None:
         """Build caches (teacher pairs, latents) before training; called on the main process only."""
 

@@ -1,0 +1,37 @@
+"""Loading weights safely: safetensors, or torch.load(weights_only=True); a pickle that holds Python objects
+beyond tensors is refused, because unpickling it could run arbitrary code."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+
+class UnsafeFileError(ValueError):
+    """A file would need full unpickling (arbitrary code) to load."""
+
+
+def refuse_pickle(path: str | os.PathLike, error: Exception) -> UnsafeFileError:
+    return UnsafeFileError(f"{path} holds pickled Python objects, not only tensors; refusing to load it (unpickling "
+                           f"can run arbitrary code: {error.__class__.__name__}). Use a safetensors file, or convert "
+                           "this one where you trust its origin")
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict from a .safetensors file or a tensors-only torch file (.bin/.pt/.pth/.ckpt)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {p} does not exist")
+    if p.suffix == ".safetensors":
+        return load_file(str(p))
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise refuse_pickle(p, e) from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UnsafeFileError(f"{p} is not a state dict of tensors (got {type(state).__name__})")
+    return state
