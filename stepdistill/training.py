@@ -143,7 +143,8 @@ def incomplete_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not (p / STATE_FILE).is_file())
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and (p.name.startswith(TMP_PREFIX) or not (p / STATE_FILE).is_file()))
 
 
 def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:

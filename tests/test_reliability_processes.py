@@ -1,0 +1,156 @@
+"""Training you can trust (issue 6), in real processes: SIGKILL during a checkpoint write, SIGINT/SIGTERM,
+and a 2-process CPU run under `accelerate launch` (gloo)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reliability_utils import assert_same, checkpoint_state, checkpoint_steps, make_trainer, tiny_tree, write_config
+from stepdistill.training import TEST_PAUSE_ENV, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _start_paused(tree: dict, tmp_path: Path, pause: str) -> subprocess.Popen:
+    """`stepdistill train` in a subprocess that stops at `pause` (see Trainer._test_pause) and waits there."""
+    config = write_config(tree, tmp_path / "run.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "stepdistill.cli", "train", "--config", str(config)],
+                            cwd=REPO, env=_env(**{TEST_PAUSE_ENV: pause}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    marker = Path(tree["train"]["output_dir"]) / "paused"
+    deadline = time.monotonic() + 240  # a bound against hangs, not a timing assertion
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run never paused at {pause}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 12-step run that interrupted-and-resumed runs must equal bitwise."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    torch.set_num_threads(1)
+    make_trainer(tiny_tree(out)).train()
+    return out
+
+
+def test_sigkill_during_checkpoint_write_then_resume(reference, tmp_path, caplog):
+    out = tmp_path / "run"
+    proc = _start_paused(tiny_tree(out), tmp_path, "save:10")  # checkpoint-10 fully written, not yet renamed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint_steps(out) == [5]
+    assert (out / "checkpoints" / ".tmp-checkpoint-10" / "trainer_state.json").is_file()
+
+    with caplog.at_level(logging.WARNING, logger="stepdistill.training"):
+        trainer = make_trainer(tiny_tree(out, resume="latest"))
+        result = trainer.train()
+    assert any("skipping incomplete checkpoint" in r.getMessage() and ".tmp-checkpoint-10" in r.getMessage()
+               for r in caplog.records)
+    assert result.step == 12
+    assert not (out / "checkpoints" / ".tmp-checkpoint-10").exists()  # the next save removed the debris
+    assert_same(checkpoint_state(reference / "checkpoints" / "checkpoint-12"),
+                checkpoint_state(out / "checkpoints" / "checkpoint-12"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_then_resume_is_exact(signum, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_paused(tiny_tree(out), tmp_path, "step:7")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert f"stopped by signal {int(signum)} at step 7 after saving a checkpoint" in err
+    assert checkpoint_steps(out) == [5, 7]
+    assert not (out / "final").exists()
+
+    make_trainer(tiny_tree(out, resume="latest")).train()
+    assert checkpoint_steps(out) == [7, 10, 12]  # pruned to train.checkpoints_limit=3
+    assert_same(checkpoint_state(reference / "checkpoints" / "checkpoint-12"),
+                checkpoint_state(out / "checkpoints" / "checkpoint-12"))
+
+
+RANK_SCRIPT = '''
+import hashlib, json, sys, torch
+torch.set_num_threads(1)
+from reliability_utils import make_trainer, tiny_tree
+from stepdistill.objectives.regression import Regression
+
+class Recording(Regression):
+    """Writes, per optimizer step, a digest of the weights and the noise rows of the batch this rank saw."""
+    def loss(self, phase, batch, step):
+        self.rows = [hashlib.sha1(r.numpy().tobytes()).hexdigest() for r in batch["noise"]]
+        return super().loss(phase, batch, step)
+    def after_step(self, phase, step):
+        w = torch.cat([p.detach().flatten() for p in self.generator.parameters()])
+        self.log.append({"step": step, "weights": hashlib.sha1(w.numpy().tobytes()).hexdigest(), "rows": self.rows})
+
+tree = tiny_tree(sys.argv[1], max_steps=8, checkpoint_every=4, resume="latest")
+trainer = make_trainer(tree, Recording)
+trainer.objective.log = []
+trainer.train()
+rank = trainer.accelerator.process_index
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(trainer.objective.log, f)
+'''
+
+
+def test_two_process_cpu_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp-checkpoint-99").mkdir(parents=True)  # debris: warned about once, by rank 0
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `--cpu` alone starts one process unless MPI is set up; torchrun (--multi_gpu) with the CPU forced gives
+    # two processes on gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(script), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [e["step"] for e in logs[0]] == list(range(8)) == [e["step"] for e in logs[1]]
+    for a, b in zip(*logs):  # identical weights on both ranks after every step, and they change
+        assert a["weights"] == b["weights"]
+    assert len({e["weights"] for e in logs[0]}) == 8
+    for a, b in zip(*logs):  # each step: disjoint shards of 32 rows per rank
+        assert len(a["rows"]) == len(b["rows"]) == 32 and not set(a["rows"]) & set(b["rows"])
+    for epoch in (range(0, 4), range(4, 8)):  # 256 pairs / (2 x 32) = 4 steps: every pair once per epoch
+        rows = [r for s in epoch for log in logs for r in log[s]["rows"]]
+        assert len(rows) == len(set(rows)) == 256
+    # one checkpoint per save, with one copy of the weights and one RNG state per rank
+    assert checkpoint_steps(out) == [4, 8]
+    files = sorted(p.name for p in (out / "checkpoints" / "checkpoint-8").iterdir())
+    assert files == ["ema.safetensors", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                     "random_states_1.pkl", "scheduler.bin", "trainer_state.json"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    # the LR schedule advanced once per training step, not once per process
+    sched = checkpoint_state(out / "checkpoints" / "checkpoint-8")["scheduler.bin"]
+    assert sched["_last_lr"][0] == pytest.approx(1e-2 * lr_factor("cosine", 3, 8, 1)(8))
+    # logs from the main process only
+    assert (proc.stdout + proc.stderr).count("skipping incomplete checkpoint") == 1
+    weights = load_file(str(out / "final" / "generator.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
