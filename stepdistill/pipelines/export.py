@@ -37,13 +37,13 @@ def merged_backbone(backbone: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(backbone: nn.Module) -> dict | None:
-    """The student's LoRA weights in diffusers' naming, or None when it has no adapter."""
+    """The student's LoRA weights in peft naming (lora_A / lora_B, what `load_lora_weights` reads), or None when
+    it has no adapter."""
     if not getattr(backbone, "peft_config", None):
         return None
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(backbone))
+    return get_peft_model_state_dict(backbone)
 
 
 def _on_grid(timesteps: list[int], n: int, num_train: int) -> bool:
