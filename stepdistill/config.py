@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -301,6 +302,15 @@ def check_teacher_source(cfg: TeacherConfig) -> None:
                               "at a local pipeline folder")
 
 
+def _trusted_library(name: str | None) -> bool:
+    """diffusers, transformers, or a diffusers pipeline module (old SD folders name "stable_diffusion")."""
+    if name in TRUSTED_LIBRARIES:
+        return True
+    spec = importlib.util.find_spec("diffusers")  # locates diffusers without importing it
+    return bool(spec and spec.origin and re.fullmatch(r"\w+", name)
+                and (Path(spec.origin).parent / "pipelines" / name).is_dir())
+
+
 def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
     index = path / "model_index.json"
     if not path.is_dir() or not index.is_file():
@@ -312,7 +322,7 @@ def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
         raise ConfigError(f"teacher.path {path}: model_index.json is not valid JSON ({e}); re-download the "
                           "pipeline") from e
     custom = sorted(name for name, value in spec.items() if isinstance(value, list) and len(value) == 2
-                    and value[0] not in TRUSTED_LIBRARIES)
+                    and not _trusted_library(value[0]))
     custom += sorted(str(p.relative_to(path)) for p in path.rglob("*.py"))
     if custom and not trust_remote_code:
         raise ConfigError(f"teacher.path {path} needs custom code ({', '.join(custom)}), which runs arbitrary Python; "

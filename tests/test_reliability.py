@@ -264,7 +264,9 @@ def test_bad_teacher_source(case, tmp_path):
 
 
 def test_teacher_source_accepts_good_pipelines(tmp_path):
-    good = _pipeline(tmp_path / "good", unet=["diffusers", "UNet2DConditionModel"])
+    good = _pipeline(tmp_path / "good", unet=["diffusers", "UNet2DConditionModel"], safety_checker=[None, None],
+                     feature_extractor=["transformers", "CLIPImageProcessor"],
+                     old_checker=["stable_diffusion", "StableDiffusionSafetyChecker"])
     check_teacher_source(TeacherConfig(kind="sd", path=str(good)))
     custom = _pipeline(tmp_path / "custom", unet=["my_unet", "MyUNet"])
     check_teacher_source(TeacherConfig(kind="sd", path=str(custom), trust_remote_code=True))
