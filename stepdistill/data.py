@@ -179,3 +179,58 @@ class ImageFolderDataset(Dataset):
         with Image.open(self.files[i]) as img:
             array = np.asarray(img.convert("RGB"), dtype=np.float32)
         return {"image": torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0}
+
+
+def load_real_latents(spec: str, teacher: Teacher, cache: str | os.PathLike | None = None) -> Tensor:
+    """Real samples for a GAN term as latents: a .safetensors file with a `latents` tensor, or a folder of
+    images encoded once with the teacher's VAE (cached next to the folder as latents.safetensors)."""
+    path = Path(spec)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"real-data latent cache {path} does not exist")
+        latents = load_file(str(path)).get("latents")
+        if latents is None:
+            raise ValueError(f"{path} holds no tensor named 'latents'")
+    elif path.is_dir():
+        cache_file = Path(cache) if cache else path / "latents.safetensors"
+        if cache_file.is_file():
+            latents = load_file(str(cache_file))["latents"]
+        else:
+            latents = encode_image_folder(path, teacher)
+            save_file({"latents": latents.contiguous()}, str(cache_file))
+    else:
+        raise FileNotFoundError(f"real data {spec!r} is neither a .safetensors latent file nor an image folder")
+    if tuple(latents.shape[1:]) != tuple(teacher.sample_shape):
+        raise ValueError(f"real latents have shape {tuple(latents.shape[1:])} but the teacher's latents are "
+                         f"{tuple(teacher.sample_shape)}: re-encode the images at the teacher's resolution")
+    return latents.float()
+
+
+@torch.no_grad()
+def encode_image_folder(folder: Path, teacher: Teacher, batch_size: int = 16) -> Tensor:
+    """Encode every image of a folder with the teacher's VAE at the teacher's resolution (center crop)."""
+    import numpy as np
+    from PIL import Image
+
+    vae = getattr(getattr(teacher, "pipe", None), "vae", None)
+    if vae is None:
+        raise ValueError("encoding an image folder needs a latent teacher with a VAE")
+    scale = teacher.pipe.vae_scale_factor
+    size = teacher.sample_shape[-1] * scale
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    if not files:
+        raise FileNotFoundError(f"image folder {folder} holds no .png/.jpg/.jpeg/.webp file")
+    out = []
+    for i in range(0, len(files), batch_size):
+        images = []
+        for f in files[i:i + batch_size]:
+            img = Image.open(f).convert("RGB")
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+            images.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+        x = torch.stack(images).float().div(127.5).sub(1).to(vae.device, vae.dtype)
+        latents = vae.encode(x).latent_dist.sample()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        out.append(((latents - shift) * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
