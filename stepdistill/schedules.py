@@ -184,6 +184,14 @@ class NoiseSchedule:
         return c_skip, c_out
 
     # ---------------------------------------------------------------- timesteps
+    def skipping_step_grid(self, num_steps: int) -> Tensor:
+        """LCM's skipping-step DDIM grid t_i = (i + 1) k - 1, k = T // num_steps (50 -> [19, 39, ..., 999], k = 20;
+        the DDIMSolver of diffusers' consistency-distillation scripts), ascending, int64."""
+        if not 1 <= num_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_steps must lie in [1, {self.num_train_timesteps}], got {num_steps}")
+        k = self.num_train_timesteps // num_steps
+        return torch.arange(1, num_steps + 1, dtype=torch.int64) * k - 1
+
     def shift_sigma(self, sigma: Tensor) -> Tensor:
         return self.shift * sigma / (1 + (self.shift - 1) * sigma)
 
