@@ -144,7 +144,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float, str, bool):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+        hint = ""
+        if tp is str and isinstance(value, bool):
+            hint = f" (YAML reads no/yes/off/on as booleans: quote it, e.g. {key}='no')"
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__}){hint}")
     return value
 
 

@@ -259,7 +259,7 @@ class DMD2(Objective):
         c = self.config
         x = self.generator(x_in, cond, k)
         loss_dm, grad = self.distribution_matching_loss(x, cond)
-        losses = {"dm": loss_dm, "dm_grad_norm": grad.norm(dim=tuple(range(1, x.ndim))).mean()}
+        losses = {"dm": loss_dm, "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()}
         total = c.dm_weight * loss_dm
         if self.real is not None and c.gan_generator_weight > 0:
             self.critic.requires_grad_(False)  # the gradient flows through the critic into G only
