@@ -84,6 +84,11 @@ class DiffusersTeacher(Teacher):
     def model_output(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:
         return self.call(self.backbone, x_t, t, fields)
 
+    def share_backbone(self, net: nn.Module) -> None:
+        """Denoise with `net` (a LoRA student's base view) and drop the teacher's own backbone."""
+        self.backbone = net
+        setattr(self.pipe, self.backbone_name, net)
+
     def build_backbone(self) -> nn.Module:
         return copy.deepcopy(self.backbone).to(torch.float32).requires_grad_(True).train()
 
@@ -113,7 +118,8 @@ class SDTeacher(DiffusersTeacher):
         return {"encoder_hidden_states": embeds}
 
     def _forward(self, net, x_t, t, fields):
-        return net(x_t, t, encoder_hidden_states=fields["encoder_hidden_states"], return_dict=False)[0]
+        return net(x_t, t, encoder_hidden_states=fields["encoder_hidden_states"],
+                   timestep_cond=fields.get("timestep_cond"), return_dict=False)[0]
 
 
 class SDXLTeacher(DiffusersTeacher):
@@ -143,7 +149,7 @@ class SDXLTeacher(DiffusersTeacher):
     def _forward(self, net, x_t, t, fields):
         added = {"text_embeds": fields["text_embeds"], "time_ids": fields["time_ids"]}
         return net(x_t, t, encoder_hidden_states=fields["encoder_hidden_states"], added_cond_kwargs=added,
-                   return_dict=False)[0]
+                   timestep_cond=fields.get("timestep_cond"), return_dict=False)[0]
 
 
 class PixArtTeacher(DiffusersTeacher):
