@@ -15,6 +15,11 @@ def _train(config: str | None, overrides: list[str]) -> dict:
     from stepdistill.training import Trainer
 
     cfg = load_config(config, overrides)
+    if getattr(cfg.objective, "stages", None):  # a progressive schedule: one run per stage
+        from stepdistill.stages import run_stages
+
+        return {"stages": [{"output_dir": str(r.output_dir), "steps": r.step, "export": str(r.final_dir)}
+                           for r in run_stages(cfg)]}
     trainer = Trainer(cfg)
     result = trainer.train()
     if result.interrupted:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from stepdistill.data import ConditionSource
 from stepdistill.mlp import TimeCondMLP
-from stepdistill.students import Generator
+from stepdistill.students import Generator, SegmentGenerator
 from stepdistill.teachers.base import Teacher
 from stepdistill.visualize import image_grid, scatter_png
 
@@ -43,6 +43,7 @@ def _export_mlp(generator: Generator, folder: Path) -> None:
         raise TypeError(f"no exporter for a {type(net).__name__} backbone of a {type(generator.teacher).__name__}")
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / WEIGHTS))
     meta = {"timesteps": generator.timesteps, "prediction_type": generator.prediction_type,
+            "sampler": generator.sampler,
             "backbone": {"class": "TimeCondMLP", "data_dim": net.data_dim, "num_classes": net.num_classes,
                          "hidden": net.inp.out_features, "depth": len(net.blocks) + 1, "time_dim": net.time_dim}}
     (folder / STUDENT_JSON).write_text(json.dumps(meta, indent=2))
@@ -57,7 +58,8 @@ def load_mlp_student(folder: str | Path, teacher: Teacher) -> Generator:
     kwargs = {k: v for k, v in meta["backbone"].items() if k != "class"}
     net = TimeCondMLP(**kwargs)
     net.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return Generator(net, teacher, meta["timesteps"], meta["prediction_type"])
+    cls = SegmentGenerator if meta.get("sampler") == "ddim" else Generator  # MCD students: DDIM segment jumps
+    return cls(net, teacher, meta["timesteps"], meta["prediction_type"])
 
 
 @torch.no_grad()

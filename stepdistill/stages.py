@@ -2,7 +2,7 @@
 whose `objective.stages` lists the stages; each stage trains with its own objective overrides (e.g.
 num_segments) and max_steps in `<output_dir>/stage-<i>-s<S>`, starting from the previous stage's final weights.
 
-    python -m stepdistill.stages --config configs/tscd_sd15.yaml [section.key=value ...]
+    stepdistill train --config configs/tscd_sd15.yaml [section.key=value ...]   (or python -m stepdistill.stages)
 """
 from __future__ import annotations
 

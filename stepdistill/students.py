@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +34,10 @@ class Generator(nn.Module):
     """Wraps a backbone of the teacher's architecture; step i sees its input as x_{t_i} (t_0 may be < T: pure
     noise is then read as if it were x_{t_0}, DMD2's SDXL one-step trick with t_0 = 399)."""
 
+    sampler = "renoise"  # between steps: x0 re-noised with fresh noise (LCMScheduler's rule)
+
     def __init__(self, backbone: nn.Module, teacher: Teacher, timesteps: list[float],
-                 prediction_type: PredictionType | None = None) -> None:
+                 prediction_type: PredictionType | None = None, guidance_w: float | None = None) -> None:
         super().__init__()
         if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
             raise ValueError(f"student timesteps must be a non-empty strictly decreasing list, got {timesteps}")
@@ -42,6 +45,7 @@ class Generator(nn.Module):
         self._teacher = [teacher]  # a plain list keeps the (frozen, non-Module) teacher out of state_dict
         self.timesteps = [float(t) for t in timesteps]
         self.prediction_type = prediction_type or teacher.schedule.prediction_type
+        self.guidance_w = guidance_w  # LCM w fed as `timestep_cond` to a UNet with a guidance embedding
 
     @property
     def teacher(self) -> Teacher:
@@ -56,10 +60,17 @@ class Generator(nn.Module):
 
     def forward(self, x_t: Tensor, cond: Cond, step: int = 0) -> Tensor:
         """x0 prediction (fp32) of sampling step `step` for input x_t."""
-        t = self.timestep(step, x_t.shape[0], x_t.device)
-        out = self.teacher.call(self.backbone, x_t, t, cond.fields)
-        x0, _ = self.teacher.schedule.to_x0_eps(out, x_t, t, self.prediction_type)
-        return x0
+        return self.teacher.schedule.to_x0_eps(self.output(x_t, cond, step), x_t,
+                                               self.timestep(step, x_t.shape[0], x_t.device), self.prediction_type)[0]
+
+    def output(self, x_t: Tensor, cond: Cond, step: int) -> Tensor:
+        """Raw backbone output of sampling step `step` (with the guidance embedding of `guidance_w`, if set)."""
+        fields = dict(cond.fields)
+        if self.guidance_w is not None:
+            dim = self.backbone.config.time_cond_proj_dim
+            w = torch.full((x_t.shape[0],), self.guidance_w, device=x_t.device)
+            fields["timestep_cond"] = guidance_embedding(w, dim)
+        return self.teacher.call(self.backbone, x_t, self.timestep(step, x_t.shape[0], x_t.device), fields)
 
     def renoise(self, x0: Tensor, step: int) -> Tensor:
         """The input of sampling step `step` > 0: x0 of the previous step noised with fresh noise to t_step."""
@@ -80,6 +91,31 @@ class Generator(nn.Module):
         """k-step sampling: x0 = G(x_{t_i}), re-noised to t_{i+1} with fresh noise (LCMScheduler's rule)."""
         n = num_steps or self.num_steps
         return self(self.simulate(noise, cond, n - 1), cond, n - 1)
+
+
+class SegmentGenerator(Generator):
+    """A multistep consistency student: deterministic DDIM jumps between segment boundaries (MCD sampling)."""
+
+    sampler = "ddim"
+
+    @torch.no_grad()
+    def simulate(self, noise: Tensor, cond: Cond, step: int) -> Tensor:
+        schedule, x = self.teacher.schedule, noise
+        for i in range(step):
+            t = self.timestep(i, x.shape[0], x.device)
+            x0, eps = schedule.to_x0_eps(self.output(x, cond, i), x, t, self.prediction_type)
+            x = schedule.ddim_step(x0, eps, self.timestep(i + 1, x.shape[0], x.device))
+        return x
+
+
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """LCM's w-conditioning: sinusoids of 1000 w with frequencies exp(-log(1e4) j / (dim/2 - 1)), [sin, cos]
+    (VDM's embedding, fed to the UNet as `timestep_cond`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device))
+    args = 1000.0 * w.to(torch.float32)[:, None] * freqs[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def build_student(teacher: Teacher, cfg: StudentConfig) -> Generator:

@@ -210,6 +210,8 @@ class Trainer:
                 raise ValueError(f"train.gradient_checkpointing: {type(backbone).__name__} does not support it")
             backbone.enable_gradient_checkpointing()
         self._build_optimizers()
+        for module in self.objective.checkpoint_modules():  # saved and restored by save_state / load_state
+            self.accelerator.register_for_checkpointing(module)
         self.ema = EMA(self._ema_parameters(), t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
         self.skipped_steps = 0

@@ -16,9 +16,9 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
 from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.export import export_student, load_mlp_student
-from stepdistill.objectives.consistency import AdaptersOff, guidance_embedding, with_guidance_embedding
+from stepdistill.objectives.consistency import AdaptersOff, guidance_embedding
 from stepdistill.pipelines import RECIPE_FILE, load_exported
-from stepdistill.students import SegmentGenerator
+from stepdistill.students import Generator, SegmentGenerator
 from stepdistill.teachers.tiny import save_tiny_pipeline
 from stepdistill.training import Trainer, build_objective
 
@@ -66,3 +66,149 @@ def test_guidance_embedding_reaches_the_unet(kind, tiny, tmp_path):
         direct = net(x, t, encoder_hidden_states=fields["encoder_hidden_states"], timestep_cond=emb, **added).sample
         torch.testing.assert_close(outs[-1], direct)
     assert (outs[0] - outs[1]).abs().max() > 1e-4  # w changes the output: the embedding is used
+
+
+# ------------------------------------------------------------------ gap 2: presets through the CLI
+PRESETS = [  # preset, tiny kind, extra overrides, [(stage folder or "", scheduler, timesteps)]
+    ("lcm_sd15", "sd", [], [("", LCMScheduler, [999, 759, 499, 259])]),
+    ("lcm_lora_sdxl", "sdxl", [], [("", LCMScheduler, [999, 759, 499, 259])]),
+    ("mlcm_sdxl", "sdxl", ["objective.stages=[{num_segments: 8, max_steps: 1}, {num_segments: 4, max_steps: 1}]"],
+     [("stage-0-s8", DDIMScheduler, [999, 874, 749, 624, 499, 374, 249, 124]),
+      ("stage-1-s4", DDIMScheduler, [999, 749, 499, 249])]),
+    ("tscd_sd15", "sd", ["objective.stages=[{num_segments: 8, max_steps: 1}, {num_segments: 4, max_steps: 1}, "
+                         "{num_segments: 2, max_steps: 1}, {num_segments: 1, max_steps: 1}]"],
+     [("stage-0-s8", EulerDiscreteScheduler, [999, 859, 739, 619, 499, 359, 239, 119]),
+      ("stage-1-s4", EulerDiscreteScheduler, [999, 739, 499, 239]),
+      ("stage-2-s2", DDIMScheduler, [999, 499]),  # on the trailing grid
+      ("stage-3-s1", LCMScheduler, [999])]),
+]
+
+
+@pytest.mark.parametrize("preset,kind,extra,exports", PRESETS, ids=[p[0] for p in PRESETS])
+def test_preset_trains_through_the_cli_and_exports_load_with_plain_diffusers(preset, kind, extra, exports, tiny,
+                                                                            tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", f"configs/{preset}.yaml", *overrides(tiny[kind], out, *extra)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["steps"] for s in summary.get("stages", [summary])] == [1 if extra else 2] * len(exports)
+    for stage, scheduler_class, timesteps in exports:
+        folder = out / stage / "final"
+        pipe = PIPELINES[kind].from_pretrained(str(folder))
+        recipe = json.loads((folder / RECIPE_FILE).read_text())
+        assert isinstance(pipe.scheduler, scheduler_class) and recipe["student_timesteps"] == timesteps
+        noise = torch.randn(1, pipe.unet.config.in_channels, 8, 8)
+        torch.manual_seed(0)
+        merged = pipe(PROMPT, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
+        assert pipe.scheduler.timesteps.tolist() == timesteps and torch.isfinite(merged).all()
+        if recipe["lora"]:  # the LoRA on the teacher's own pipeline gives the merged student
+            base = PIPELINES[kind].from_pretrained(str(tiny[kind]))
+            base.scheduler = pipe.scheduler
+            base.load_lora_weights(str(folder / recipe["lora"]))
+            torch.manual_seed(0)
+            with_lora = base(PROMPT, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
+            torch.testing.assert_close(with_lora, merged, atol=1e-4, rtol=1e-4)
+        else:
+            assert pipe.unet.config.time_cond_proj_dim == 256 and recipe["guidance_scale"] == 11.0  # w = 10 + 1
+
+
+# ------------------------------------------------------------------ gap 2: LoRA teacher = base, one backbone
+def test_lora_student_teacher_is_its_base_with_adapters_disabled(tiny, tmp_path):
+    cfg = load_config(ROOT / "configs/lcm_lora_sdxl.yaml", overrides(tiny["sdxl"], tmp_path))
+    objective = build_objective(cfg, "cpu")
+    teacher, student = objective.teacher, objective.generator.backbone
+    assert isinstance(teacher.backbone, AdaptersOff) and teacher.backbone.net is student
+    assert teacher.pipe.unet is teacher.backbone  # the teacher's own UNet copy is gone: one backbone in memory
+    unets = {id(m) for c in teacher.pipe.components.values() if isinstance(c, torch.nn.Module)
+             for m in c.modules() if type(m).__name__ == "UNet2DConditionModel"}
+    assert unets == {id(student)}
+    perturb_(student)  # LoRA weights now change the student
+    original = DiffusionPipeline.from_pretrained(str(tiny["sdxl"])).unet
+    x, t = torch.randn(2, *teacher.sample_shape), torch.tensor([999, 499])
+    cond = teacher.encode([PROMPT] * 2)
+    fields = dict(cond.fields)
+    added = {"text_embeds": fields["text_embeds"], "time_ids": fields["time_ids"]}
+    reference = original(x, t, encoder_hidden_states=fields["encoder_hidden_states"], added_cond_kwargs=added).sample
+    torch.testing.assert_close(teacher.model_output(x, t, fields), reference, atol=1e-5, rtol=1e-5)
+    assert (teacher.call(student, x, t, fields) - reference).abs().max() > 1e-3
+    x_s = objective.solver_step(x, t, t - 20, cond, torch.full((2,), 4.0))
+    pred = teacher.predict(x, t, cond, 5.0)
+    torch.testing.assert_close(x_s, teacher.schedule.ddim_step(pred.x0, pred.eps, t - 20))
+
+
+# ------------------------------------------------------------------ gap 3: exports sample as the student does
+@pytest.mark.parametrize("kind,segments,extra,scheduler_class", [
+    ("sd", 4, ["objective.num_ddim_timesteps=50"], EulerDiscreteScheduler),  # tops [999, 739, 499, 239]
+    ("sdxl", 4, ["objective.num_ddim_timesteps=40"], DDIMScheduler),  # tops = DDIM trailing [999, 749, 499, 249]
+])
+def test_segmented_lora_export_equals_the_segment_sampler(kind, segments, extra, scheduler_class, tiny, tmp_path):
+    cfg = load_config(ROOT / "configs/tscd_sd15.yaml",
+                      overrides(tiny[kind], tmp_path, "objective.stages=[]", f"teacher.kind={kind}",
+                                f"objective.num_segments={segments}", *extra))
+    generator = build_objective(cfg, "cpu").generator
+    assert isinstance(generator, SegmentGenerator)
+    perturb_(generator.backbone)
+    folder = export_student(generator, tmp_path / "export")
+    pipe, recipe = load_exported(folder)
+    assert isinstance(pipe.scheduler, scheduler_class) and recipe["guidance_scale"] == 0.0
+    noise = torch.randn(2, *generator.teacher.sample_shape)
+    expected = generator.sample(noise, generator.teacher.encode([PROMPT] * 2))
+    images = pipe([PROMPT] * 2, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
+    assert pipe.scheduler.timesteps.tolist() == [int(t) for t in generator.timesteps]
+    torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+    renoising = Generator(generator.backbone, generator.teacher, generator.timesteps, generator.prediction_type)
+    renoised = renoising.sample(noise, generator.teacher.encode([PROMPT] * 2))
+    assert (renoised - expected).abs().max() > 1e-3  # LCM-style re-noising would be a different sampler
+
+
+def test_lcm_export_with_guidance_embedding_equals_the_student(tiny, tmp_path):
+    cfg = load_config(ROOT / "configs/lcm_sd15.yaml", overrides(tiny["sd"], tmp_path))
+    generator = build_objective(cfg, "cpu").generator
+    perturb_(generator.backbone)
+    pipe, recipe = load_exported(export_student(generator, tmp_path / "export"))
+    assert isinstance(pipe.scheduler, LCMScheduler) and recipe["guidance_scale"] == generator.guidance_w + 1
+    noise = torch.randn(2, *generator.teacher.sample_shape)
+    torch.manual_seed(3)
+    images = pipe([PROMPT] * 2, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
+    torch.manual_seed(3)
+    expected = generator.sample(noise, generator.teacher.encode([PROMPT] * 2))
+    torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+    unguided = copy.copy(generator)
+    unguided.guidance_w = 0.0
+    torch.manual_seed(3)
+    assert (unguided.sample(noise, generator.teacher.encode([PROMPT] * 2)) - expected).abs().max() > 1e-4
+
+
+GMM_CONFIG = ROOT / "configs/consistency_gmm.yaml"
+
+
+def gmm_config(out, *extra):
+    return load_config(GMM_CONFIG, [f"train.output_dir={out}", "train.overwrite=true", "train.progress=false",
+                                    "train.batch_size=32", "train.log_every=100", "train.lr_scheduler=constant",
+                                    *extra])
+
+
+def test_mcd_mlp_export_reloads_with_its_segment_sampler(tmp_path):
+    trainer = Trainer(gmm_config(tmp_path, "objective.num_segments=4", "train.max_steps=3"))
+    result = trainer.train()
+    generator = trainer.generator_for_inference()
+    reloaded = load_mlp_student(result.final_dir, generator.teacher)
+    assert isinstance(reloaded, SegmentGenerator) and reloaded.timesteps == [999, 739, 499, 239]
+    noise, cond = torch.randn(64, 2), generator.teacher.encode(torch.zeros(64))
+    torch.testing.assert_close(reloaded.sample(noise, cond), generator.sample(noise, cond))
+
+
+# ------------------------------------------------------------------ gap 4: the EMA target survives a resume
+def test_ema_target_resumes_bitwise(tmp_path):
+    straight = Trainer(gmm_config(tmp_path / "a", "train.max_steps=6", "train.checkpoint_every=3"))
+    straight.train()
+    first = Trainer(gmm_config(tmp_path / "b", "train.max_steps=3", "train.checkpoint_every=3"))
+    first.train()
+    resumed = Trainer(load_config(GMM_CONFIG, [
+        f"train.output_dir={tmp_path / 'b'}", "train.progress=false", "train.batch_size=32", "train.log_every=100",
+        "train.lr_scheduler=constant", "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest"]))
+    resumed.train()
+    a, b = straight.objective.target_backbone.state_dict(), resumed.objective.target_backbone.state_dict()
+    online = resumed.objective.generator.backbone.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(b[k], online[k]) for k in b)  # the target lags the online net: it was restored

@@ -70,6 +70,10 @@ class Objective(nn.Module):
     def after_step(self, phase: str, step: int) -> None:
         """Called after the optimizer of `phase` stepped (e.g. to update an EMA target network)."""
 
+    def checkpoint_modules(self) -> list[nn.Module]:
+        """Modules outside the optimizer groups whose state a resume must restore (e.g. an EMA target)."""
+        return []
+
     def check_compatible(self) -> None:
         """Raise ValueError, naming the option and the fix, if this objective cannot work with its teacher or
         student (e.g. a flow-only option on an eps teacher); the trainer calls it before any heavy work."""

@@ -15,7 +15,6 @@ Progressive segment schedules (MLCM, Hyper-SD 8 -> 4 -> 2 -> 1) are `stages`, ru
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset
 from stepdistill.data import PairDataset, generate_pairs, pair_cache_key
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 from stepdistill.schedules import NoiseSchedule, _bcast
-from stepdistill.students import Generator, frozen_copy
+from stepdistill.students import Generator, SegmentGenerator, frozen_copy, guidance_embedding
 from stepdistill.teachers.base import Cond, Teacher
 
 
@@ -94,16 +93,6 @@ def lcm_timesteps(grid: Tensor, num_steps: int) -> list[int]:
     return [int(rev[j * len(grid) // num_steps]) for j in range(num_steps)]
 
 
-def guidance_embedding(w: Tensor, dim: int) -> Tensor:
-    """LCM's w-conditioning: sinusoids of 1000 w with frequencies exp(-log(1e4) j / (dim/2 - 1)), [sin, cos]
-    (VDM's embedding, fed to the UNet as `timestep_cond`)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device))
-    args = 1000.0 * w.to(torch.float32)[:, None] * freqs[None]
-    emb = torch.cat([args.sin(), args.cos()], dim=1)
-    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
-
-
 # ---------------------------------------------------------------------------------------------- networks
 def unwrap(net: nn.Module) -> nn.Module:
     return getattr(net, "module", net)
@@ -128,6 +117,18 @@ def adapters_disabled(net: nn.Module) -> Iterator[nn.Module]:
             m.set_adapter(active)
 
 
+class AdaptersOff(nn.Module):
+    """The base network of a peft LoRA model as a module of its own: every call runs with adapters disabled."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        with adapters_disabled(self.net):
+            return self.net(*args, **kwargs)
+
+
 def with_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
     """A diffusers UNet with `time_cond_proj_dim = dim`; a new `cond_proj` is randomly initialised and every
     other weight copied (diffusers LCM script: `from_config(..., time_cond_proj_dim=256)`, strict=False)."""
@@ -144,19 +145,6 @@ def with_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
     return new.to(next(backbone.parameters()).device)
 
 
-class SegmentGenerator(Generator):
-    """A multistep consistency student: deterministic DDIM jumps between segment boundaries (MCD sampling)."""
-
-    @torch.no_grad()
-    def simulate(self, noise: Tensor, cond: Cond, step: int) -> Tensor:
-        schedule, x = self.teacher.schedule, noise
-        for i in range(step):
-            t = self.timestep(i, x.shape[0], x.device)
-            x0, eps = schedule.to_x0_eps(self(x, cond, i), x, t, "sample")
-            x = schedule.ddim_step(x0, eps, self.timestep(i + 1, x.shape[0], x.device))
-        return x
-
-
 # ---------------------------------------------------------------------------------------------- objective
 class Consistency(Objective):
     """LCM (S = 1) and multistep consistency distillation (S > 1) with an EMA or online target."""
@@ -167,8 +155,8 @@ class Consistency(Objective):
 
     def __init__(self, teacher: Teacher, generator: Generator, source, config: ConsistencyConfig) -> None:
         if config.stages:
-            raise ValueError("objective.stages is set: run the stages with `python -m stepdistill.stages --config "
-                             "FILE` (each stage trains with its own num_segments)")
+            raise ValueError("objective.stages is set: run the stages with `stepdistill train --config FILE` "
+                             "(each stage trains with its own num_segments)")
         if config.w_min > config.w_max:
             raise ValueError(f"objective.w_min ({config.w_min}) must not exceed objective.w_max ({config.w_max})")
         if config.target == "ema" and not 0.0 <= config.ema_decay < 1.0:
@@ -178,16 +166,23 @@ class Consistency(Objective):
         self.grid = schedule.skipping_step_grid(config.num_ddim_timesteps)
         self.skip = schedule.num_train_timesteps // config.num_ddim_timesteps
         self.boundaries = segment_boundaries(self.grid, config.num_segments)
+        guidance_w = None
         if config.guidance_embedding_dim:
             generator.backbone = with_guidance_embedding(generator.backbone, config.guidance_embedding_dim)
-        if config.num_segments > 1:
-            self.generator = SegmentGenerator(generator.backbone, teacher,
-                                              segment_timesteps(self.grid, config.num_segments),
-                                              generator.prediction_type)
+            guidance_w = (config.w_min + config.w_max) / 2  # sampling w: the middle of the trained range
+        cls = SegmentGenerator if config.num_segments > 1 else Generator
+        timesteps = segment_timesteps(self.grid, config.num_segments) if config.num_segments > 1 else \
+            generator.timesteps
+        self.generator = cls(generator.backbone, teacher, timesteps, generator.prediction_type, guidance_w)
+        self._base: list[nn.Module] = []  # teacher_net=lora_base: the student's base (a plain list: no submodule)
         if config.teacher_net == "lora_base":
             with adapters_disabled(self.generator.backbone):
                 pass  # fails early when the student has no adapters
-        self.target_backbone: nn.Module | None = None  # created from the online weights at the first step
+            self._base.append(AdaptersOff(self.generator.backbone))
+            if hasattr(teacher, "share_backbone"):  # one backbone in memory: the teacher's own copy is dropped
+                teacher.share_backbone(self._base[0])
+        # the EMA target starts from the online weights (a stage load resets it); checkpointed by the trainer
+        self.target_backbone = frozen_copy(unwrap(self.generator.backbone)) if config.target == "ema" else None
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
@@ -250,19 +245,11 @@ class Consistency(Objective):
     def solver_step(self, x_t: Tensor, t: Tensor, s: Tensor, cond: Cond, w: Tensor) -> Tensor:
         """x_s = DDIM_{t->s} of the teacher with CFG (1 + omega) cond - omega uncond on x0 and eps (LCM Eq. 8)."""
         guidance = 1.0 + w if cond.fields else 1.0
-        if self.config.teacher_net == "lora_base":
-            with adapters_disabled(self.generator.backbone) as base:
-                pred = self.teacher.predict(x_t, t, cond, guidance, net=base)
-        else:
-            pred = self.teacher.predict(x_t, t, cond, guidance)
+        pred = self.teacher.predict(x_t, t, cond, guidance, net=self._base[0] if self._base else None)
         return self.teacher.schedule.ddim_step(pred.x0, pred.eps, s)
 
     def target_net(self) -> nn.Module:
-        if self.config.target == "online":
-            return self.generator.backbone
-        if self.target_backbone is None:
-            self.target_backbone = frozen_copy(unwrap(self.generator.backbone))
-        return self.target_backbone
+        return self.generator.backbone if self.target_backbone is None else self.target_backbone
 
     def consistency_target(self, x_s: Tensor, s: Tensor, boundary: Tensor, fields: dict[str, Tensor]) -> Tensor:
         """F_{theta^-}(x_s, s) without gradient; x_s itself where s is an upper segment's boundary."""
@@ -282,7 +269,6 @@ class Consistency(Objective):
         x_t = schedule.add_noise(x0, torch.randn_like(x0), t)
         w = c.w_min + (c.w_max - c.w_min) * torch.rand(n, device=device)
         fields = self.student_fields(cond, w)
-        self.target_net()  # the EMA target starts from the online weights (also after a resume or a stage load)
         pred = self.consistency_map(self.generator.backbone, x_t, t, boundary, fields)
         x_s = self.solver_step(x_t, t, s, cond, w)
         target = self.consistency_target(x_s, s, boundary, fields)
@@ -291,7 +277,7 @@ class Consistency(Objective):
     @torch.no_grad()
     def after_step(self, phase: str, step: int) -> None:
         """theta^- <- mu theta^- + (1 - mu) theta on the trainable parameters (LCM Algorithm 1)."""
-        if self.config.target != "ema" or self.target_backbone is None:
+        if self.target_backbone is None:
             return
         online = dict(unwrap(self.generator.backbone).named_parameters())
         for name, p_target in self.target_backbone.named_parameters():
@@ -302,4 +288,9 @@ class Consistency(Objective):
     def load_student_state(self, state: dict[str, Tensor]) -> None:
         """Start from another run's student weights (a previous stage); the EMA target restarts from them."""
         unwrap(self.generator.backbone).load_state_dict(state)
-        self.target_backbone = None
+        if self.target_backbone is not None:
+            self.target_backbone.load_state_dict(state)
+
+    def checkpoint_modules(self) -> list[nn.Module]:
+        """The EMA target: state beyond the optimizers that a resume must restore."""
+        return [] if self.target_backbone is None else [self.target_backbone]

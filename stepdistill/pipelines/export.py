@@ -6,9 +6,13 @@ reproduces the student's sampling rule exactly:
     with fresh noise, which is the student's k-step rule (`Generator.sample`). Uniform grids like [999] or
     [999, 749, 499, 249] come out of `set_timesteps(k)` with `original_inference_steps` chosen for them;
     other grids (DMD2's one step at t=399) are recorded as explicit `timesteps=[...]`.
+  * segmented (MCD / TSCD) students of VP teachers: deterministic DDIM jumps between segment tops, the last
+    step to x0: `DDIMScheduler` with trailing spacing where it visits the same timesteps, else
+    `EulerDiscreteScheduler` (x0-based Euler in sigma space is DDIM) on explicit `timesteps=[...]`.
   * flow teachers: `FlowMatchEulerDiscreteScheduler` with shift 1 and `stochastic_sampling` (x0 re-noised to
     the next sigma with fresh noise), sampled with explicit `sigmas = t / T`.
-Guidance is off (guidance_scale 0: diffusers pipelines apply CFG only for guidance_scale > 1). The sampling
+Guidance is off (guidance_scale 0: diffusers pipelines apply CFG only for guidance_scale > 1); a UNet with LCM's
+guidance embedding gets guidance_scale = w + 1 (the pipelines embed w = guidance_scale - 1 and skip CFG). The sampling
 recipe goes to `stepdistill.json`: `pipe(prompt, **recipe["pipeline_kwargs"])`.
 """
 from __future__ import annotations
@@ -88,6 +92,29 @@ def vp_student_scheduler(scheduler_config: dict, timesteps: list[float], predict
     return scheduler, kwargs
 
 
+def segment_student_scheduler(scheduler_config: dict, timesteps: list[float], prediction_type: str):
+    """A deterministic scheduler that jumps with DDIM between `timesteps` and ends at x0, and its kwargs."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    ints, k = [int(t) for t in timesteps], len(timesteps)
+    common = {"prediction_type": prediction_type}
+    scheduler = DDIMScheduler.from_config(_scheduler_args(DDIMScheduler, scheduler_config), **common,
+                                          timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+                                          thresholding=False)
+    scheduler.set_timesteps(k)
+    if scheduler.timesteps.tolist() == ints:
+        return scheduler, {"num_inference_steps": k}
+    # "leading": init_noise_sigma = sqrt(sigma_max^2 + 1) exactly (linspace/trailing use sigma_max)
+    scheduler = EulerDiscreteScheduler.from_config(
+        _scheduler_args(EulerDiscreteScheduler, scheduler_config), **common, timestep_spacing="leading",
+        final_sigmas_type="zero", use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        interpolation_type="linear")
+    scheduler.set_timesteps(timesteps=ints)
+    if scheduler.timesteps.tolist() != ints:
+        raise AssertionError(f"EulerDiscreteScheduler visits {scheduler.timesteps.tolist()} instead of {ints}")
+    return scheduler, {"timesteps": ints}
+
+
 def flow_student_scheduler(scheduler_config: dict, timesteps: list[float], prediction_type: str):
     """FlowMatchEulerDiscreteScheduler (no shift, re-noising steps) and kwargs with sigmas = t / T."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -108,9 +135,12 @@ def export_student_pipeline(pipe, backbone_name: str, generator, folder: Path, t
     (stepdistill.json) and a README; returns the recipe."""
     schedule = generator.teacher.schedule
     config = dict(pipe.scheduler.config)
-    make = vp_student_scheduler if schedule.kind == "vp" else flow_student_scheduler
+    if schedule.kind != "vp":
+        make = flow_student_scheduler
+    else:
+        make = segment_student_scheduler if generator.sampler == "ddim" else vp_student_scheduler
     scheduler, kwargs = make(config, generator.timesteps, generator.prediction_type)
-    kwargs["guidance_scale"] = 0.0
+    kwargs["guidance_scale"] = 0.0 if generator.guidance_w is None else generator.guidance_w + 1.0
 
     components = dict(pipe.components)
     components[backbone_name] = merged_backbone(generator.backbone)
@@ -155,7 +185,7 @@ def _readme(recipe: dict) -> str:
 
 A diffusers `{recipe['pipeline_class']}` folder: the teacher's components with the student's backbone and a
 `{recipe['scheduler']}` that reproduces the student's sampling timesteps {recipe['student_timesteps']}
-(prediction type `{recipe['prediction_type']}`). Classifier-free guidance is off.
+(prediction type `{recipe['prediction_type']}`), guidance_scale {recipe['guidance_scale']}.
 
 ```python
 from diffusers import DiffusionPipeline
