@@ -1,0 +1,249 @@
+"""Per-GPU memory planner: weights, gradients, optimizer states and activations of a training config, estimated
+without allocating anything (the objective is built on the meta device and its trainable backbones are traced
+there), and a recommendation of options that make it fit a GPU of a given size."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from stepdistill.config import Config
+from stepdistill.objectives import REGISTRY, Objective
+from stepdistill.objectives.base import get_module
+
+GiB = 2**30
+ADAM_BYTES = {"adamw": 8, "adamw8bit": 2}  # exp_avg + exp_avg_sq per parameter (bitsandbytes: 1 byte each)
+HEADROOM = 0.9  # fraction of the card a plan may fill (allocator fragmentation, cuBLAS/cuDNN workspaces)
+
+
+def storage_bytes(tensors: Iterator[Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared weights counted once; works on meta tensors)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Stands in for SDPA during a meta trace: saves what flash / memory-efficient attention keeps for backward
+    (q, k, v, out, fp32 log-sum-exp), not the L x L matrix that the meta (math) path would."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, *_ = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+class _Autocast(TorchFunctionMode):
+    """CUDA bf16 autocast's main rules, emulated where autocast does not run (meta tensors): matmuls and
+    convolutions in bf16, normalizations in fp32; the weight casts autocast caches are counted too."""
+
+    LOW = {F.linear, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.Tensor.matmul, torch.addmm}
+    FP32 = {F.group_norm, F.layer_norm, torch.softmax, F.softmax}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtype = torch.bfloat16 if func in self.LOW else torch.float32 if func in self.FP32 else None
+        if dtype is not None:
+            def cast(a):
+                return a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
+            args = tuple(cast(a) for a in args)
+            kwargs = {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def count_saved(exclude: list[nn.Module]) -> Iterator[dict[int, int]]:
+    """Collects the storages autograd saves for backward (parameters of `exclude` left out): the activations."""
+    params = {p.untyped_storage()._cdata for m in exclude for p in m.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s._cdata not in params:
+            seen[s._cdata] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU; `activations` is the largest phase's, `grads` the largest optimizer group's (the trainer
+    frees gradients after each phase)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    by_module: dict[str, int] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def as_dict(self) -> dict:
+        gib = {k: round(getattr(self, k) / GiB, 3) for k in ("weights", "grads", "optimizer", "activations")}
+        return {**gib, "total": round(self.total / GiB, 3), "unit": "GiB",
+                "by_module": {k: round(v / GiB, 3) for k, v in self.by_module.items()}, "options": self.options}
+
+
+def trainable_modules(objective: Objective) -> dict[str, nn.Module]:
+    return {g.name: get_module(objective, g.module) for g in objective.optimizer_groups()}
+
+
+def phase_forward(objective: Objective, phase: str, batch_size: int, device: torch.device) -> Callable[[], Tensor]:
+    """The forward with gradient that a phase backpropagates through: the generator's output, or a critic-style
+    module called as (x_t, t, fields)."""
+    teacher = objective.teacher
+    group = next(g for g in objective.optimizer_groups() if g.name == phase)
+    x = torch.randn((batch_size, *teacher.sample_shape), device=device)
+    t = torch.full((batch_size,), 500.0, device=device)
+    cond = condition_like(objective, batch_size, device)
+    if group.module == "generator.backbone":
+        return lambda: objective.generator.output(x, cond, 0)
+    net = get_module(objective, group.module)
+    return lambda: net(x, t, cond.fields)[0]
+
+
+def condition_like(objective: Objective, batch_size: int, device: torch.device):
+    """Conditioning fields of the teacher's shapes, batch `batch_size`, on `device` (no text encoder runs)."""
+    from stepdistill.teachers.base import Cond
+
+    teacher, pipe = objective.teacher, objective.teacher.pipe
+    width = objective.generator.backbone.config.cross_attention_dim if hasattr(
+        objective.generator.backbone, "config") else 0
+    fields = {"encoder_hidden_states": torch.randn(batch_size, 77, width, device=device)}
+    if getattr(teacher, "kind", "") == "sdxl":
+        pooled = pipe.text_encoder_2.config.projection_dim
+        fields["text_embeds"] = torch.randn(batch_size, pooled, device=device)
+        fields["time_ids"] = torch.full((batch_size, 6), 512.0, device=device)
+    return Cond(fields, fields, batch_size)
+
+
+def saved_activation_bytes(objective: Objective, phase: str, batch_size: int, mixed_precision: str) -> int:
+    """Activations kept for backward by `phase`'s forward at `batch_size` (traced on the objective's device)."""
+    device = objective.device
+    forward = phase_forward(objective, phase, batch_size, device)
+    modules = list(trainable_modules(objective).values()) + [objective.generator.backbone]
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, **kw: _FlashAttention.apply(q, k, v)
+    try:
+        with count_saved(modules) as seen, (_Autocast() if mixed_precision == "bf16" else _null()):
+            forward()
+    finally:
+        F.scaled_dot_product_attention = original
+    return sum(seen.values())
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16",
+             gradient_checkpointing: bool = False, optimizer: str = "adamw", shards: int = 1) -> MemoryEstimate:
+    """Memory of training `objective` at `batch_size` per GPU. With `shards` > 1 (FSDP full shard) trainable
+    weights, gradients and optimizer states are divided among the GPUs."""
+    modules = trainable_modules(objective)
+    if gradient_checkpointing:
+        for m in modules.values():
+            target = getattr(m, "fake_score", m)
+            if hasattr(target, "enable_gradient_checkpointing"):
+                target.enable_gradient_checkpointing()
+                target.train()
+    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
+    teacher_parts = {f"teacher.{k}": v for k, v in objective.teacher.pipe.components.items()
+                     if isinstance(v, nn.Module) and v is not objective.teacher.backbone}
+    teacher_parts["teacher.backbone"] = objective.teacher.backbone
+    by_module = {k: storage_bytes(m.parameters()) for k, m in teacher_parts.items()}
+    own = storage_bytes(t for m in (objective,) for t in [*m.parameters(), *m.buffers()])
+    by_module["objective (students, critics, targets)"] = own
+    weights = sum(by_module.values())
+    sharded = sum(4 * n for n in trainable.values()) * (1 - 1 / shards)
+    activations = max(saved_activation_bytes(objective, name, batch_size, mixed_precision) for name in modules)
+    return MemoryEstimate(
+        weights=int(weights - sharded), grads=max(4 * n for n in trainable.values()) // shards,
+        optimizer=sum(ADAM_BYTES[optimizer] * n for n in trainable.values()) // shards, activations=activations,
+        by_module=by_module,
+        options={"batch_size": batch_size, "mixed_precision": mixed_precision, "optimizer": optimizer,
+                 "gradient_checkpointing": gradient_checkpointing, "fsdp_shards": shards,
+                 "trainable_params": trainable})
+
+
+ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl"}
+
+
+def build_meta_objective(cfg: Config, model: str | None = None) -> Objective:
+    """The config's objective with a random-architecture teacher (`model`, default from teacher.kind) on the
+    meta device: shapes and dtypes of everything, no memory."""
+    from stepdistill.data import ConditionSource
+    from stepdistill.perf.arch import build_teacher
+    from stepdistill.students import build_student
+
+    model = model or ARCH_OF_KIND.get(cfg.teacher.kind)
+    if model is None:
+        raise ValueError(f"plan knows the architectures {sorted(ARCH_OF_KIND)} (teacher.kind), got "
+                         f"{cfg.teacher.kind!r}: pass --model tiny-sd|tiny-sdxl|sd15|sdxl")
+    teacher_dtype = torch.float32 if cfg.teacher.dtype == "fp32" else torch.bfloat16
+    with torch.device("meta"):
+        teacher = build_teacher(model, "meta", teacher_dtype)
+        objective_cfg = dataclasses.replace(cfg.objective, real_data="") if hasattr(cfg.objective, "real_data") \
+            else cfg.objective
+        return REGISTRY[cfg.objective.name](teacher, build_student(teacher, cfg.student),
+                                            ConditionSource(teacher, ["a"]), objective_cfg)
+
+
+def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bool | None = None,
+         max_shards: int = 8) -> dict:
+    """Estimates for the config as written, then the first option set (in order of cost to speed or quality)
+    that fits `gpu_gib`: gradient checkpointing, 8-bit AdamW, a LoRA generator, FSDP over 2..max_shards GPUs."""
+    if bitsandbytes is None:
+        try:
+            import bitsandbytes  # noqa: F401
+
+            bitsandbytes = True
+        except ImportError:
+            bitsandbytes = False
+    mp = "no" if cfg.train.mixed_precision == "no" else "bf16"
+    t = cfg.train
+    candidates: list[tuple[str, Config, dict]] = [
+        ("as configured", cfg, {"gradient_checkpointing": t.gradient_checkpointing}),
+        ("gradient checkpointing", cfg, {"gradient_checkpointing": True}),
+    ]
+    if bitsandbytes:
+        candidates.append(("gradient checkpointing + 8-bit AdamW", cfg,
+                           {"gradient_checkpointing": True, "optimizer": "adamw8bit"}))
+    if cfg.student.kind != "lora":
+        lora = copy.deepcopy(cfg)
+        lora.student.kind = "lora"
+        candidates.append(("gradient checkpointing + LoRA generator", lora, {"gradient_checkpointing": True}))
+    candidates += [(f"gradient checkpointing + FSDP over {n} GPUs (configs/accelerate/fsdp.yaml)", cfg,
+                    {"gradient_checkpointing": True, "shards": n}) for n in (2, 4, 8) if n <= max_shards]
+    budget = gpu_gib * GiB * HEADROOM
+    rows, recommendation = [], None
+    for name, c, options in candidates:
+        est = estimate(build_meta_objective(c, model), t.batch_size, mp, **options)
+        fits = est.total <= budget
+        rows.append({"option": name, "fits": fits, **est.as_dict()})
+        if fits:
+            recommendation = name
+            break
+    return {"gpu_gib": gpu_gib, "headroom": HEADROOM, "bitsandbytes": bitsandbytes, "estimates": rows,
+            "recommendation": recommendation or "does not fit: lower train.batch_size"}

@@ -1,0 +1,102 @@
+"""eval/speed.py's tiny preset end to end (output structure, not speed) and the memory planner against measured
+allocations of tiny configs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdistill.config import load_config
+from stepdistill.perf.arch import build_teacher
+from stepdistill.perf.memory import build_meta_objective, count_saved, estimate, storage_bytes
+from stepdistill.perf.speed import PRESETS, BenchTrainer, bench_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_tiny_preset_writes_json_and_table(tmp_path):
+    out = tmp_path / "speed"
+    env = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(ROOT / "eval/speed.py"), "--preset", "tiny", "--out", str(out),
+                    "--objectives", "dmd2", "lcm", "regression"], check=True, cwd=ROOT, env=env, timeout=600,
+                   capture_output=True)
+    result = json.loads((out / "speed.json").read_text())
+    assert result["errors"] == [] and result["skipped"] == []
+    assert result["device"]["name"] == "cpu"
+    rows = {(r["objective"], r["model"], r["option"]) for r in result["training"]}
+    expected = {(o, m, PRESETS["tiny"].train_options[m][0]) for o in ("dmd2", "lcm", "regression")
+                for m in PRESETS["tiny"].models} | {("dmd2", "tiny-sd", "channels_last")}
+    assert rows == expected
+    for r in result["training"]:
+        assert r["samples_per_s"] > 0
+        kinds = {s["phases"] for s in r["steps"]}
+        assert kinds == ({"generator+critic", "critic"} if r["objective"] == "dmd2" else {"generator"})
+        assert abs(sum(s["share_of_steps"] for s in r["steps"]) - 1) < 1e-9
+        for s in r["steps"]:
+            assert s["tflop_per_step"] > 0 and s["mfu"] is None  # no datasheet peak for a CPU
+            assert s["forward_s"]["generator"] > 0
+        if r["objective"] == "dmd2":  # the critic-only step runs the fake score, not the generator with grad
+            critic_step = next(s for s in r["steps"] if s["phases"] == "critic")
+            assert critic_step["forward_s"]["critic"] > 0 and critic_step["forward_s"]["teacher"] == 0
+            both = next(s for s in r["steps"] if s["phases"] == "generator+critic")
+            assert both["tflop_per_step"] > critic_step["tflop_per_step"]
+    samplers = {(r["model"], r["steps"]) for r in result["sampling"]}
+    assert samplers == {(m, k) for m in PRESETS["tiny"].models for k in (1, *PRESETS["tiny"].teacher_steps)}
+    table = (out / "speed.md").read_text()
+    assert table.startswith("Device: **cpu**") and "| dmd2 | tiny-sd | 2 | bf16 |" in table
+
+
+def measured_memory(objective_name: str, model: str, batch: int, tmp_path) -> dict:
+    """Bytes of a real tiny training run on CPU (fp32): all weights, the largest group's gradients, AdamW
+    states after a step, and the largest phase's activations (storages autograd saves in objective.loss)."""
+    device = torch.device("cpu")
+    cfg = bench_config(objective_name, model, batch, "bf16", device, str(tmp_path))
+    cfg.teacher.dtype = "fp32"
+    from stepdistill.data import DEFAULT_PROMPTS, ConditionSource
+    from stepdistill.objectives import REGISTRY
+    from stepdistill.students import build_student
+
+    teacher = build_teacher(model, device, torch.float32)
+    objective = REGISTRY[cfg.objective.name](teacher, build_student(teacher, cfg.student),
+                                             ConditionSource(teacher, DEFAULT_PROMPTS), cfg.objective)
+    trainer = BenchTrainer(cfg, objective)
+    batch_data = next(trainer._batches())
+    groups = {g.name: g for g in objective.optimizer_groups()}
+    activations, grads = 0, 0
+    for phase in groups:
+        with count_saved([objective, teacher.backbone]) as seen:
+            loss = objective.loss(phase, batch_data, 0)["loss"]
+        activations = max(activations, sum(seen.values()))
+        loss.backward()
+        grads = max(grads, storage_bytes(p.grad for p in objective.parameters() if p.grad is not None))
+        trainer._zero_all()
+    trainer.train_step(batch_data)
+    states = storage_bytes(v for opt in trainer.optimizers.values() for s in opt.state.values()
+                           for v in s.values() if v.ndim > 0)
+    pipe_modules = [m for m in teacher.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    weights = storage_bytes(t for m in [objective, *pipe_modules] for t in m.parameters())
+    return {"weights": weights, "grads": grads, "optimizer": states, "activations": activations, "cfg": cfg}
+
+
+@pytest.mark.parametrize("objective_name", ["dmd2", "lcm", "regression"])
+def test_plan_estimate_matches_measured_tiny_allocations(objective_name, tmp_path):
+    measured = measured_memory(objective_name, "tiny-sd", 4, tmp_path)
+    cfg = measured.pop("cfg")
+    cfg.teacher.dtype = "fp32"
+    est = estimate(build_meta_objective(cfg, "tiny-sd"), 4, mixed_precision="no")
+    for key, value in measured.items():
+        assert abs(getattr(est, key) - value) <= 0.15 * value, (key, getattr(est, key), value)
+
+
+def test_plan_recommends_options_that_fit(tmp_path):
+    from stepdistill.perf.memory import plan
+
+    cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), ["train.batch_size=2", "train.gradient_checkpointing=false"])
+    tight = plan(cfg, gpu_gib=0.03, model="tiny-sd", bitsandbytes=False)
+    rows = tight["estimates"]
+    assert rows[0]["option"] == "as configured" and not rows[0]["fits"]
+    assert tight["recommendation"] == next((r["option"] for r in rows if r["fits"]), "does not fit: lower train.batch_size")
+    roomy = plan(cfg, gpu_gib=80, model="tiny-sd", bitsandbytes=False)
+    assert roomy["recommendation"] == "as configured" and len(roomy["estimates"]) == 1
