@@ -84,19 +84,18 @@ class PairDataset(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-def pair_cache_key(**settings: object) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 @torch.no_grad()
 def generate_pairs(teacher: Teacher, source: ConditionSource, directory: str | os.PathLike, num_pairs: int,
                    num_steps: int, guidance: float, seed: int, batch_size: int = 1024, shard_size: int = 8192,
-                   device: torch.device | str = "cpu", key: str = "") -> Path:
+                   device: torch.device | str = "cpu") -> Path:
     """Run the teacher's ODE sampler from fixed noise and cache (noise, x0, cond_index) in safetensors shards.
 
     The cache is written to a temporary folder and renamed into place, so an interrupted run leaves nothing
-    half-written; an existing cache with the same key is reused."""
+    half-written; an existing cache made with the same teacher and settings is reused."""
     directory = Path(directory)
+    settings = {"teacher": getattr(teacher, "identity", type(teacher).__name__), "steps": num_steps,
+                "guidance": guidance, "seed": seed, "conditions": len(source)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     meta = {"key": key, "num_pairs": num_pairs}
     if (directory / "meta.json").is_file() and json.loads((directory / "meta.json").read_text()) == meta:
         return directory

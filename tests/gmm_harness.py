@@ -15,13 +15,17 @@ def build(config: str, overrides: list[str], seed: int = 0) -> Objective:
     return build_objective(load_config(config, overrides), "cpu")
 
 
-def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0) -> Objective:
+def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0, lr_scheduler: str = "constant"
+             ) -> Objective:
     """Run `steps` training steps: each phase the objective schedules does loss, backward, clip, step."""
+    from diffusers.optimization import get_scheduler
+
     groups = {g.name: g for g in objective.optimizer_groups()}
     params = {n: [p for p in get_module(objective, g.module).parameters() if p.requires_grad]
               for n, g in groups.items()}
     optimizers = {n: torch.optim.AdamW(params[n], lr=g.lr, betas=g.betas, eps=g.eps, weight_decay=g.weight_decay,
                                        foreach=True) for n, g in groups.items()}
+    schedulers = {n: get_scheduler(lr_scheduler, opt, num_warmup_steps=0, num_training_steps=steps) for n, opt in optimizers.items()}
     torch.manual_seed(seed + 1)
     for step in range(steps):
         batch = {"cond_index": torch.randint(0, len(objective.source), (batch_size,))}
@@ -30,6 +34,7 @@ def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0) -
             if groups[phase].max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params[phase], groups[phase].max_grad_norm)
             optimizers[phase].step()
+            schedulers[phase].step()
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             objective.after_step(phase, step)

@@ -89,3 +89,20 @@ def test_gan_term_on_real_images_reaches_the_unet_bottleneck(tiny, tmp_path, cap
     mid = obj.critic.fake_score.mid_block
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mid.parameters())
     assert "gan_d" in losses and torch.isfinite(losses["gan_d"])
+
+
+def test_lora_generator_and_lora_critic_train_only_their_adapters(tiny, tmp_path):
+    """DMD2's SDXL LoRA recipe: the generator is a LoRA; the fake score may share a frozen base via a LoRA."""
+    from stepdistill.config import load_config
+    from stepdistill.training import build_objective
+
+    overrides = tiny_overrides(tiny["sdxl"], tmp_path / "run", ["student.kind=lora", "student.lora_rank=4",
+                                                                 "objective.critic_lora_rank=4"])
+    obj = build_objective(load_config("configs/dmd2_sdxl_4step.yaml", overrides), "cpu")
+    for phase, module in (("generator", obj.generator.backbone), ("critic", obj.critic.fake_score)):
+        for p in obj.parameters():
+            p.grad = None
+        obj.loss(phase, {"cond_index": torch.tensor([0, 1])}, 0)["loss"].backward()
+        trained = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert trained and all("lora_" in n for n in trained), phase
+        assert all(not p.requires_grad for n, p in module.named_parameters() if "lora_" not in n)

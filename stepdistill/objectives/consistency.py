@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from stepdistill.data import PairDataset, generate_pairs, pair_cache_key
+from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 from stepdistill.schedules import NoiseSchedule, _bcast
 from stepdistill.students import Generator, SegmentGenerator, frozen_copy, guidance_embedding
@@ -197,12 +197,8 @@ class Consistency(Objective):
                 raise ValueError("objective.data=real needs a teacher with its own data (the GMM teacher); use "
                                  "objective.data=teacher for data-free distillation on teacher samples")
             return
-        key = pair_cache_key(teacher=getattr(self.teacher, "identity", type(self.teacher).__name__),
-                             steps=c.pair_steps, guidance=c.pair_guidance, seed=c.pair_seed,
-                             conditions=len(self.source))
-        self._pair_dir = Path(c.pair_dir or Path(output_dir) / "pairs")
-        generate_pairs(self.teacher, self.source, self._pair_dir, c.num_pairs, c.pair_steps, c.pair_guidance,
-                       c.pair_seed, device=device, key=key)
+        self._pair_dir = generate_pairs(self.teacher, self.source, c.pair_dir or Path(output_dir) / "pairs",
+                                        c.num_pairs, c.pair_steps, c.pair_guidance, c.pair_seed, device=device)
 
     def dataset(self) -> Dataset:
         return super().dataset() if self.config.data == "real" else PairDataset(self._pair_dir)

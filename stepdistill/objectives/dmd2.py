@@ -9,16 +9,17 @@ in [0.02, 0.98] of T, GAN weights 1e-3 (generator) / 1e-2 (critic).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from stepdistill.data import ConditionDataset, PairDataset, generate_pairs, pair_cache_key
+from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
+from stepdistill.students import UNET_LORA_TARGETS, add_lora
 from stepdistill.teachers.base import Cond, Teacher
 
 
@@ -39,6 +40,7 @@ class DMD2Config(ObjectiveConfig):
     gan_critic_weight: float = 1e-2
     gan_max_step: float = 1.0  # real and fake are noised with t ~ U[0, gan_max_step * T) (diffusion GAN)
     backward_simulation: bool = True  # DMD2 §4.4, multi-step students only
+    critic_lora_rank: int = 0  # 0: the fake score is a full trainable copy; > 0: a LoRA on a frozen copy
     regression_weight: float = 0.0  # optional DMD v1 L_reg on cached teacher pairs (0: off)
     num_pairs: int = 10000
     teacher_steps: int = 50
@@ -151,6 +153,18 @@ class RealSamples:
         return self.latents[idx].to(device)
 
 
+@contextmanager
+def frozen(module: nn.Module):
+    """Switch off requires_grad of a module's parameters, restoring each parameter's own flag afterwards."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 # ---------------------------------------------------------------------------------------------- objective
 class DMD2(Objective):
     name = "dmd2"
@@ -162,7 +176,11 @@ class DMD2(Objective):
         if config.critic_updates < 1:
             raise ValueError(f"objective.critic_updates must be >= 1, got {config.critic_updates}")
         self.real = RealSamples(config.real_data, teacher) if config.real_data else None
-        self.critic = Critic(teacher, teacher.build_backbone(), with_head=self.real is not None)
+        fake_score = teacher.build_backbone()
+        if config.critic_lora_rank > 0:
+            fake_score = add_lora(fake_score, config.critic_lora_rank, float(config.critic_lora_rank),
+                                  UNET_LORA_TARGETS)
+        self.critic = Critic(teacher, fake_score, with_head=self.real is not None)
         self._pair_dir: Path | None = None
         self._pairs: PairDataset | None = None
 
@@ -185,14 +203,8 @@ class DMD2(Objective):
         c = self.config
         if c.regression_weight <= 0:
             return
-        key = pair_cache_key(teacher=getattr(self.teacher, "identity", type(self.teacher).__name__),
-                             steps=c.teacher_steps, guidance=c.real_guidance, seed=0, conditions=len(self.source))
-        self._pair_dir = Path(c.pair_dir or Path(output_dir) / "pairs")
-        generate_pairs(self.teacher, self.source, self._pair_dir, c.num_pairs, c.teacher_steps, c.real_guidance,
-                       0, device=device, key=key)
-
-    def dataset(self) -> Dataset:
-        return ConditionDataset(len(self.source))
+        self._pair_dir = generate_pairs(self.teacher, self.source, c.pair_dir or Path(output_dir) / "pairs",
+                                        c.num_pairs, c.teacher_steps, c.real_guidance, 0, device=device)
 
     # ------------------------------------------------------------------ generator input
     def sampled_step(self, step: int) -> int:
@@ -262,13 +274,10 @@ class DMD2(Objective):
         losses = {"dm": loss_dm, "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()}
         total = c.dm_weight * loss_dm
         if self.real is not None and c.gan_generator_weight > 0:
-            self.critic.requires_grad_(False)  # the gradient flows through the critic into G only
-            try:
+            with frozen(self.critic):  # the gradient flows through the critic into G only
                 t = self.gan_timesteps(x.shape[0], x.device)
                 x_t = self.teacher.schedule.add_noise(x, torch.randn_like(x), t)
                 _, logit = self.critic(x_t, t, cond.fields, classify=True)
-            finally:
-                self.critic.requires_grad_(True)
             loss_g = F.softplus(-logit).mean()  # non-saturating GAN loss (DMD2 §4.3)
             losses["gan_g"] = loss_g
             total = total + c.gan_generator_weight * loss_g

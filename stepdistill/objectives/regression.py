@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from stepdistill.data import PairDataset, generate_pairs, pair_cache_key
+from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 
 
@@ -45,13 +45,8 @@ class Regression(Objective):
     def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
         """Generate (or reuse) the pair cache; runs once before training, on the main process."""
         c = self.config
-        key = pair_cache_key(teacher=getattr(self.teacher, "identity", type(self.teacher).__name__),
-                             steps=c.teacher_steps, guidance=c.guidance, seed=c.pair_seed,
-                             conditions=len(self.source))
-        directory = Path(c.pair_dir or Path(output_dir) / "pairs")
-        generate_pairs(self.teacher, self.source, directory, c.num_pairs, c.teacher_steps, c.guidance,
-                       c.pair_seed, device=device, key=key)
-        self._pair_dir = directory
+        self._pair_dir = generate_pairs(self.teacher, self.source, c.pair_dir or Path(output_dir) / "pairs",
+                                        c.num_pairs, c.teacher_steps, c.guidance, c.pair_seed, device=device)
 
     def dataset(self) -> Dataset:
         return PairDataset(self._pair_dir)
