@@ -1,12 +1,9 @@
-"""Command line: stepdistill demo | train | export | sample."""
+"""Command line: stepdistill demo | train | teacher | eval."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
-
-DEMO_CONFIG = Path(__file__).parent / "assets" / "configs" / "demo.yaml"
 
 
 def _train(config: str | None, overrides: list[str]) -> dict:
@@ -45,20 +42,68 @@ class Interrupted(Exception):
         self.result = result
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="distill a student: stepdistill train --config FILE [section.key=value ...]")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("demo", help="the offline default job (no download): distill the embedded teacher")
+    p = sub.add_parser("teacher", help="train an offline teacher: stepdistill teacher digits [--seed 0]")
+    p.add_argument("name", choices=["digits"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="teacher pipeline folder (default: the shipped asset)")
+    p.add_argument("--classifier-out", default=None, help="digit classifier folder (default: the shipped asset)")
+    p.add_argument("--vae-steps", type=int, default=200)
+    p.add_argument("--unet-steps", type=int, default=1200)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--eval-per-digit", type=int, default=20, help="teacher samples per digit for its accuracy")
+    p.add_argument("--reference-per-digit", type=int, default=50, help="50-step samples per digit, FID reference")
+    p = sub.add_parser("demo", help="the offline default job (no download): DMD2 on the shipped digits teacher")
+    p.add_argument("--eval-per-digit", type=int, default=50, help="evaluation samples per digit")
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("eval", help="evaluate a pipeline folder: digits, coco2014-30k or coco2017-5k preset")
+    p.add_argument("pipeline", help="a diffusers pipeline folder (an exported student or a teacher)")
+    p.add_argument("--preset", default="digits", choices=["digits", "coco2014-30k", "coco2017-5k"])
+    p.add_argument("--out", default=None, help="output folder (default: <pipeline>/eval-<preset>)")
+    p.add_argument("--captions", help="COCO captions file (captions_val2014.json, or one caption per line)")
+    p.add_argument("--reference", help="reference image folder for FID (e.g. val2014)")
+    p.add_argument("--num-samples", type=int, help="overrides the preset's N (30000 / 5000; digits: per digit)")
+    p.add_argument("--resolution", type=int, help="overrides the preset's eval resolution (256)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the exported recipe's, else 50)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the exported recipe's, else the preset's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--clip-model", default=None, help="CLIP model: hub id or local folder")
+    p.add_argument("--fid-backend", default="cleanfid", choices=["cleanfid", "torchmetrics"])
+    p.add_argument("--fid-mode", default="clean", choices=["clean", "legacy_tensorflow", "legacy_pytorch"])
+    p.add_argument("--feature", default="inception", choices=["inception", "digits"])
+    p.add_argument("--inception-weights", default="", help="local Inception weights file (torchmetrics backend)")
+    p.add_argument("--speed", action="store_true", help="also measure latency and throughput")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             summary = _train(args.config, args.overrides)
+        elif args.command == "teacher":
+            from stepdistill import digits
+
+            summary = digits.build_digits_teacher(
+                args.out or digits.TEACHER_DIR, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                classifier_dir=args.classifier_out or digits.CLASSIFIER_DIR, device=args.device,
+                eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit)
         elif args.command == "demo":
-            summary = _train(str(DEMO_CONFIG), args.overrides)
+            from stepdistill.demo import run_demo
+
+            summary = run_demo(args.overrides, per_digit=args.eval_per_digit)
+        elif args.command == "eval":
+            from stepdistill.evaluate import evaluate_cli
+
+            summary = evaluate_cli(args)
         else:  # pragma: no cover - argparse restricts the choices
             parser.error(f"unknown command {args.command}")
     except Interrupted as e:

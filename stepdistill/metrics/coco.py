@@ -98,7 +98,8 @@ def generate(pipe, prompts: list[str], folder: Path, preset: CocoPreset, steps: 
 
 def run_coco_eval(pipe, preset: CocoPreset, captions_file: str | Path, out_dir: str | Path,
                   reference_dir: str | Path | None = None, clip_model: str = DEFAULT_CLIP,
-                  fid_protocol: FIDProtocol | None = None, recipe: dict | None = None, cache_dir: str | Path | None = None,
+                  fid_protocol: FIDProtocol | None = None, recipe: dict | None = None,
+                  cache_dir: str | Path | None = None,
                   pipeline_path: str = "") -> dict:
     """Generate the preset's images, compute its metrics, write `<out_dir>/metrics.json` and return it."""
     from tqdm.auto import tqdm
@@ -109,7 +110,8 @@ def run_coco_eval(pipe, preset: CocoPreset, captions_file: str | Path, out_dir: 
     recipe = recipe or {}
     steps = preset.steps or recipe.get("num_inference_steps", 50)
     guidance = preset.guidance_scale if preset.guidance_scale >= 0 else recipe.get("guidance_scale", 7.5)
-    pipeline_kwargs = {k: v for k, v in recipe.get("pipeline_kwargs", {}).items() if k != "guidance_scale"}
+    pipeline_kwargs = {k: v for k, v in recipe.get("pipeline_kwargs", {}).items()
+                       if k not in ("guidance_scale", "num_inference_steps")}
     prompts = select_prompts(read_captions(captions_file), preset.num_samples, preset.seed)
     fid_protocol = fid_protocol or FIDProtocol()
     pipe.set_progress_bar_config(disable=True)
