@@ -139,7 +139,7 @@ def build_smaller_backbone(template: nn.Module, overrides: dict) -> nn.Module:
         unknown = sorted(set(overrides) - set(template.config))
         if unknown:
             raise ValueError(f"student.overrides has keys {unknown} that {type(template).__name__}'s config lacks")
-        return type(template).from_config({**template.config, **overrides})
+        return type(template).from_config({**public_config(template), **overrides})
     from stepdistill.mlp import TimeCondMLP
 
     if isinstance(template, TimeCondMLP):
@@ -148,6 +148,12 @@ def build_smaller_backbone(template: nn.Module, overrides: dict) -> nn.Module:
             raise ValueError(f"student.overrides for the MLP backbone take {sorted(allowed)}, got {sorted(overrides)}")
         return TimeCondMLP(template.data_dim, template.num_classes, **overrides)
     raise ValueError(f"cannot build a smaller version of {type(template).__name__}")
+
+
+def public_config(model: nn.Module) -> dict:
+    """A diffusers model's config without private keys: `_use_default_values` would make `from_config` ignore
+    overrides of keys that were left at their defaults."""
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
 
 
 def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:

@@ -212,3 +212,14 @@ def test_ema_target_resumes_bitwise(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert any(not torch.equal(b[k], online[k]) for k in b)  # the target lags the online net: it was restored
+
+
+def test_guidance_embedding_is_added_to_a_unet_built_in_memory():
+    """A UNet built in memory records its default keys in `_use_default_values`; the embedding must still be
+    added (from_config would otherwise keep time_cond_proj_dim=None)."""
+    from stepdistill.objectives.consistency import with_guidance_embedding
+    from stepdistill.teachers.tiny import build_tiny_pipeline
+
+    unet = build_tiny_pipeline("sd").unet
+    assert "time_cond_proj_dim" in unet.config.get("_use_default_values", [])
+    assert with_guidance_embedding(unet, 16).config.time_cond_proj_dim == 16

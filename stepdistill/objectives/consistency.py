@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 from stepdistill.schedules import NoiseSchedule, _bcast
-from stepdistill.students import Generator, SegmentGenerator, frozen_copy, guidance_embedding
+from stepdistill.students import Generator, SegmentGenerator, frozen_copy, guidance_embedding, public_config
 from stepdistill.teachers.base import Cond, Teacher
 
 
@@ -138,7 +138,7 @@ def with_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
                          f"{type(backbone).__name__}; set it to 0")
     if config.time_cond_proj_dim == dim:
         return backbone
-    new = type(backbone).from_config({**config, "time_cond_proj_dim": dim})
+    new = type(backbone).from_config({**public_config(backbone), "time_cond_proj_dim": dim})
     missing, unexpected = new.load_state_dict(backbone.state_dict(), strict=False)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise ValueError(f"cannot add a guidance embedding: missing {missing}, unexpected {unexpected}")

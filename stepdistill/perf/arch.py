@@ -66,15 +66,5 @@ def build_teacher(model: str, device: torch.device | str, dtype: torch.dtype) ->
         raise ValueError(f"model {model!r} is not one of {MODELS}")
     pipe.to(device=device, dtype=dtype)
     pipe.vae.to(torch.float32)
-    _forget_default_markers(pipe.unet)
     cls = SDXLTeacher if "sdxl" in model else SDTeacher
     return cls(pipe, identity=f"{model}:random", device=device)
-
-
-def _forget_default_markers(model) -> None:
-    """Drop diffusers' `_use_default_values` from a model built in memory, as a saved-and-loaded model has none:
-    otherwise `from_config({**config, key: value})` (e.g. the LCM guidance embedding) silently ignores `value`
-    for keys that were left at their defaults."""
-    from diffusers.configuration_utils import FrozenDict
-
-    model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "_use_default_values"})
