@@ -157,3 +157,16 @@ def test_classifier_head_follows_dmd2_downsampling(shape, expected_layers):
     strided = [m for m in head if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
     assert len(strided) == expected_layers
     assert head(torch.randn(2, *shape)).shape == (2, 1)
+
+
+def test_optional_dmd_regression_term_uses_cached_teacher_pairs(tmp_path):
+    """DMD v1's L_reg beside the DM loss: pairs cached once (the regression objective's cache), and the student's
+    one-step output from the cached noise is pulled toward the teacher's ODE endpoint."""
+    obj = objective(["objective.regression_weight=0.25", "objective.num_pairs=64", "objective.teacher_steps=4"])
+    obj.prepare_data(str(tmp_path), "cpu")
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["meta.json", "pairs-00000.safetensors"]
+    losses = obj.loss("generator", {"cond_index": torch.zeros(16, dtype=torch.long)}, 0)
+    assert "regression" in losses
+    torch.testing.assert_close(losses["loss"], losses["dm"] + 0.25 * losses["regression"])
+    without = objective()
+    assert "regression" not in without.loss("generator", {"cond_index": torch.zeros(16, dtype=torch.long)}, 0)
