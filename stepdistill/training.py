@@ -14,14 +14,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -32,6 +31,9 @@ from stepdistill.objectives.base import get_module, set_module
 from stepdistill.safeload import refuse_pickle
 from stepdistill.students import build_student
 from stepdistill.teachers import load_teacher
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 logger = logging.getLogger(__name__)
 
@@ -80,53 +82,26 @@ def lr_factor(kind: str, warmup: int, total: int, processes: int) -> Callable[[i
     return factor
 
 
-class EMA:
-    """Exponential moving average of parameters, saved as safetensors. The decay warms up as
-    min(decay, (1 + n) / (10 + n)) after n updates, as diffusers' EMAModel does by default."""
+def save_ema(ema: "EMAModel", path: Path) -> None:
+    """diffusers' EMAModel state as safetensors (its own state_dict would be pickled by accelerate)."""
+    save_file({f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, str(path),
+              metadata={"optimization_step": str(ema.optimization_step)})
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float) -> None:
-        self.decay, self.updates = decay, 0
-        self.shadow = [p.detach().clone() for p in params]
-        self.stored: list[Tensor] = []
 
-    @torch.no_grad()
-    def step(self, params: Iterable[torch.nn.Parameter]) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        self.updates += 1
-        for s, p in zip(self.shadow, params):
-            s.lerp_(p.detach(), 1.0 - decay)
+def load_ema(ema: "EMAModel", path: Path) -> None:
+    from safetensors import safe_open
 
-    @torch.no_grad()
-    def copy_to(self, params: Iterable[torch.nn.Parameter]) -> None:
-        for s, p in zip(self.shadow, params):
-            p.copy_(s)
-
-    def store(self, params: Iterable[torch.nn.Parameter]) -> None:
-        self.stored = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def restore(self, params: Iterable[torch.nn.Parameter]) -> None:
-        for s, p in zip(self.stored, params):
-            p.copy_(s)
-        self.stored = []
-
-    def save(self, path: Path) -> None:
-        save_file({f"shadow.{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.shadow)}, str(path),
-                  metadata={"updates": str(self.updates)})
-
-    def load(self, path: Path) -> None:
-        if not path.is_file():
-            raise ValueError(f"{path.parent} holds no EMA state ({EMA_FILE}): it was written with train.ema_decay=0; "
-                             "resume with that setting or start a new run")
-        from safetensors import safe_open
-
-        tensors = load_file(str(path))
-        if len(tensors) != len(self.shadow):
-            raise ValueError(f"{path} holds {len(tensors)} EMA tensors, this model has {len(self.shadow)}")
-        for i, s in enumerate(self.shadow):
-            s.copy_(tensors[f"shadow.{i}"])
-        with safe_open(str(path), "pt") as f:
-            self.updates = int(f.metadata()["updates"])
+    if not path.is_file():
+        raise ValueError(f"{path.parent} holds no EMA state ({EMA_FILE}): it was written with train.ema_decay=0; "
+                         "resume with that setting or start a new run")
+    tensors = load_file(str(path))
+    if len(tensors) != len(ema.shadow_params):
+        raise ValueError(f"{path} holds {len(tensors)} EMA tensors, this model has {len(ema.shadow_params)}")
+    with torch.no_grad():
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(tensors[f"shadow.{i}"])
+    with safe_open(str(path), "pt") as f:
+        ema.optimization_step = int(f.metadata()["optimization_step"])
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -212,7 +187,11 @@ class Trainer:
         self._build_optimizers()
         for module in self.objective.checkpoint_modules():  # saved and restored by save_state / load_state
             self.accelerator.register_for_checkpointing(module)
-        self.ema = EMA(self._ema_parameters(), t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = None
+        if t.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self._ema_parameters(), decay=t.ema_decay)
         self.step = 0
         self.skipped_steps = 0
         self._signal = 0
@@ -319,7 +298,7 @@ class Trainer:
 
     def _check_weights_finite(self) -> None:
         bad = [name for name, p in self._trainable() if not torch.isfinite(p).all()]
-        if self.ema is not None and not all(torch.isfinite(s).all() for s in self.ema.shadow):
+        if self.ema is not None and not all(torch.isfinite(s).all() for s in self.ema.shadow_params):
             bad.append("EMA")
         if bad:
             last = list_checkpoints(self.output_dir)
@@ -346,7 +325,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             if self.ema is not None:
-                self.ema.save(tmp / EMA_FILE)
+                save_ema(self.ema, tmp / EMA_FILE)
             (tmp / STATE_FILE).write_text(json.dumps({"step": self.step, "skipped_steps": self.skipped_steps}))
             self._test_pause("save")
             shutil.rmtree(final, ignore_errors=True)
@@ -368,7 +347,7 @@ class Trainer:
         state = json.loads((path / STATE_FILE).read_text())
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         if self.ema is not None:
-            self.ema.load(path / EMA_FILE)
+            load_ema(self.ema, path / EMA_FILE)
 
     # ------------------------------------------------------------------ loop
     def _batches(self):
