@@ -41,6 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+OBJECTIVE_STATE = "objective_module_{}.safetensors"  # modules an objective keeps outside its optimizers
 TEST_PAUSE_ENV = "STEPDISTILL_TEST_PAUSE"  # test-only, see Trainer._test_pause
 
 
@@ -185,8 +186,6 @@ class Trainer:
                 raise ValueError(f"train.gradient_checkpointing: {type(backbone).__name__} does not support it")
             backbone.enable_gradient_checkpointing()
         self._build_optimizers()
-        for module in self.objective.checkpoint_modules():  # saved and restored by save_state / load_state
-            self.accelerator.register_for_checkpointing(module)
         self.ema = None
         if t.ema_decay > 0:
             from diffusers.training_utils import EMAModel
@@ -326,6 +325,9 @@ class Trainer:
         if acc.is_main_process:
             if self.ema is not None:
                 save_ema(self.ema, tmp / EMA_FILE)
+            for i, module in enumerate(self.objective.checkpoint_modules()):
+                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                          str(tmp / OBJECTIVE_STATE.format(i)))
             (tmp / STATE_FILE).write_text(json.dumps({"step": self.step, "skipped_steps": self.skipped_steps}))
             self._test_pause("save")
             shutil.rmtree(final, ignore_errors=True)
@@ -348,6 +350,8 @@ class Trainer:
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         if self.ema is not None:
             load_ema(self.ema, path / EMA_FILE)
+        for i, module in enumerate(self.objective.checkpoint_modules()):
+            module.load_state_dict(load_file(str(path / OBJECTIVE_STATE.format(i))))
 
     # ------------------------------------------------------------------ loop
     def _batches(self):
