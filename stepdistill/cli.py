@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--eval-per-digit", type=int, default=20, help="teacher samples per digit for its accuracy")
     p.add_argument("--reference-per-digit", type=int, default=50, help="50-step samples per digit, FID reference")
+    p.add_argument("--init-from", default=None, help="continue training the UNet of this digits teacher folder")
     p = sub.add_parser("demo", help="the offline default job (no download): DMD2 on the shipped digits teacher")
     p.add_argument("--eval-per-digit", type=int, default=50, help="evaluation samples per digit")
     p.add_argument("overrides", nargs="*")
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = digits.build_digits_teacher(
                 args.out or digits.TEACHER_DIR, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                 classifier_dir=args.classifier_out or digits.CLASSIFIER_DIR, device=args.device,
-                eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit)
+                eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit,
+                init_from=args.init_from)
         elif args.command == "demo":
             from stepdistill.demo import run_demo
 

@@ -31,15 +31,6 @@ def digit_prompt(digit: int) -> str:
 PROMPTS = tuple(digit_prompt(d) for d in range(10))
 
 
-def prompt_labels(prompts: list[str]) -> Tensor:
-    """The digit each prompt asks for."""
-    index = {p: d for d, p in enumerate(PROMPTS)}
-    try:
-        return torch.tensor([index[p] for p in prompts])
-    except KeyError as e:
-        raise ValueError(f"{e.args[0]!r} is not a digits prompt (expected e.g. {PROMPTS[7]!r})") from None
-
-
 def load_digit_images(split: str = "train") -> tuple[Tensor, Tensor]:
     """(images [N, 3, 16, 16] in [0, 1], labels [N]) of a fixed stratified split (train | test | all)."""
     from sklearn.datasets import load_digits
@@ -54,9 +45,9 @@ def load_digit_images(split: str = "train") -> tuple[Tensor, Tensor]:
         return x, y
     train_idx, test_idx = train_test_split(range(len(y)), test_size=TEST_FRACTION, random_state=SPLIT_SEED,
                                            stratify=y.numpy())
-    idx = torch.tensor(train_idx if split == "train" else test_idx)
     if split not in ("train", "test"):
         raise ValueError(f"split {split!r} is not one of train, test, all")
+    idx = torch.tensor(train_idx if split == "train" else test_idx)
     return x[idx], y[idx]
 
 
@@ -243,8 +234,9 @@ def sample_teacher(pipe, digits: Tensor, steps: int = 50, guidance: float = 3.0,
 def build_digits_teacher(out: str | Path = TEACHER_DIR, seed: int = 0, vae_steps: int = 200,
                          unet_steps: int = 1200,
                          classifier_dir: str | Path = CLASSIFIER_DIR, device: str = "cpu", eval_per_digit: int = 20,
-                         reference_per_digit: int = 50, log=print) -> dict:
-    """Train the classifier, the VAE and the UNet, save both folders, and measure the teacher's prompt accuracy."""
+                         reference_per_digit: int = 50, init_from: str | Path | None = None, log=print) -> dict:
+    """Train the classifier, the VAE and the UNet, save both folders, and measure the teacher's prompt accuracy.
+    With `init_from` (a digits teacher folder), continue training its UNet (its VAE and text encoder are kept)."""
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()
@@ -258,16 +250,23 @@ def build_digits_teacher(out: str | Path = TEACHER_DIR, seed: int = 0, vae_steps
         save_classifier(classifier, classifier_dir, {"test_accuracy": test_acc, "seed": seed,
                                                      "command": f"stepdistill teacher digits --seed {seed}"})
     log(f"classifier test accuracy {test_acc:.4f}")
-    components = build_digits_components(seed)
-    for module in ("vae", "text_encoder", "unet"):
-        components[module].to(device)
     images, labels = load_digit_images("train")
-    scaling = train_vae(components["vae"], images, vae_steps, seed, log)
-    components["vae"].register_to_config(scaling_factor=scaling)
+    earlier = None
+    if init_from is not None:
+        pipe = load_digits_pipeline(init_from).to(device)
+        earlier = json.loads((Path(init_from) / "training.json").read_text())
+        vae_steps, scaling = 0, pipe.vae.config.scaling_factor
+    else:
+        components = build_digits_components(seed)
+        for module in ("vae", "text_encoder", "unet"):
+            components[module].to(device)
+        scaling = train_vae(components["vae"], images, vae_steps, seed, log)
+        components["vae"].register_to_config(scaling_factor=scaling)
+        pipe = _pipeline(components)
+    pipe.vae.requires_grad_(False).eval()
     with torch.no_grad():
-        latents = torch.cat([components["vae"].encode(c.to(device) * 2 - 1).latent_dist.mean.cpu()
+        latents = torch.cat([pipe.vae.encode(c.to(device) * 2 - 1).latent_dist.mean.cpu()
                              for c in images.split(256)]) * scaling
-    pipe = _pipeline(components)
     pipe.text_encoder.requires_grad_(False).eval()
     train_unet(pipe, latents, labels, unet_steps, seed, log=log)
     pipe.set_progress_bar_config(disable=True)
@@ -284,7 +283,9 @@ def build_digits_teacher(out: str | Path = TEACHER_DIR, seed: int = 0, vae_steps
 
     digits_reference(pipe, out / REFERENCE_NAME, reference_per_digit)  # FID reference statistics ship with it
     report["command"] = (f"stepdistill teacher digits --seed {seed} --vae-steps {vae_steps} --unet-steps {unet_steps} "
-                         f"--device {device}")
+                         f"--device {device}" + (f" --init-from {init_from}" if init_from else ""))
+    if earlier is not None:
+        report["continued_from"] = earlier
     (out / "training.json").write_text(json.dumps(report, indent=2))
     return report
 

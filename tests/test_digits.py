@@ -1,0 +1,93 @@
+"""The shipped digits teacher and classifier, the `stepdistill teacher digits` command, and the demo through the
+CLI in a few steps."""
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from stepdistill import digits
+from stepdistill.cli import main
+
+
+def test_splits_are_disjoint_and_prompts_name_digits():
+    train, ytrain = digits.load_digit_images("train")
+    test, ytest = digits.load_digit_images("test")
+    assert train.shape[1:] == (3, 16, 16) and len(train) + len(test) == 1797
+    assert 0 <= train.min() and train.max() <= 1
+    assert not any(torch.equal(test[0], x) for x in train)  # the held-out split is not in training
+    assert digits.PROMPTS[7] == "a handwritten digit seven"
+
+
+def test_shipped_classifier_reads_held_out_digits():
+    from stepdistill.metrics.digits import DigitsFeatures, prompt_accuracy
+
+    x, y = digits.load_digit_images("test")
+    model = DigitsFeatures()
+    assert prompt_accuracy(x, y, model) >= 0.97
+    feats = model((x[:64] * 255).round().to(torch.uint8))
+    assert feats.shape == (64, 64) and (feats < 0).any()  # pre-activation: not ReLU-clipped
+
+
+def test_shipped_teacher_is_a_plain_sd_pipeline_that_draws_the_prompted_digit():
+    from diffusers import StableDiffusionPipeline
+
+    from stepdistill.metrics.digits import DigitsFeatures, prompt_accuracy
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(digits.TEACHER_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(list(digits.PROMPTS), "cpu", 1, False)
+    distance = torch.cdist(embeds.flatten(1), embeds.flatten(1))
+    assert distance[~torch.eye(10, dtype=torch.bool)].min() > 1.0  # the ten prompts condition differently
+    labels = torch.arange(10).repeat(3)
+    images = digits.sample_teacher(pipe, labels, steps=20, guidance=3.0, seed=5)
+    assert prompt_accuracy(images, labels, DigitsFeatures()) >= 0.9
+
+
+def test_teacher_command_is_reproducible_from_its_seed(tmp_path):
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    classifier = tmp_path / "classifier"
+    shutil.copytree(digits.CLASSIFIER_DIR, classifier)  # reused: the command trains one only when missing
+    args = ["teacher", "digits", "--seed", "3", "--vae-steps", "2", "--unet-steps", "2", "--eval-per-digit", "1",
+            "--reference-per-digit", "1", "--device", "cpu", "--classifier-out", str(classifier)]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "a" / weights)), load_file(str(tmp_path / "b" / weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert "--seed 3" in report["command"] and report["unet_steps"] == 2
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"))
+    assert pipe.tokenizer.model_max_length == digits.TEXT_MAX_LENGTH
+    assert (tmp_path / "a" / "digits_reference.npz").is_file()
+
+
+def test_demo_through_the_cli_in_a_few_steps(tmp_path):
+    from PIL import Image
+
+    from stepdistill.pipelines.export import load_exported
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--eval-per-digit", "2", "train.max_steps=2", "train.batch_size=4",
+                 f"train.output_dir={out}", "train.device_threads=1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["metrics"]
+    assert list(rows) == ["teacher 50-step DDIM", "teacher 1-step DDIM", "student 1-step (DMD2)"]
+    assert rows["student 1-step (DMD2)"]["steps"] == 1 and rows["student 1-step (DMD2)"]["guidance_scale"] == 0
+    for row in rows.values():
+        assert 0 <= row["prompt_accuracy"] <= 1 and row["fid_vs_teacher50"] > 0 and row["images_per_s"] > 0
+    assert metrics["floors"]["fid_teacher_vs_teacher"] > 0
+    assert "student 1-step (DMD2)" in (out / "metrics.md").read_text()
+    assert Image.open(out / "samples.png").size == (20 * 16, 3 * 16)
+    pipe, recipe = load_exported(out / "final")
+    image = pipe(digits.digit_prompt(3), output_type="pt", **recipe["pipeline_kwargs"]).images
+    assert image.shape == (1, 3, 16, 16)
+
+    eval_dir = tmp_path / "eval"
+    assert main(["eval", str(out / "final"), "--preset", "digits", "--num-samples", "2", "--out", str(eval_dir)]) == 0
+    result = json.loads((eval_dir / "metrics.json").read_text())
+    assert result["steps"] == 1 and result["num_samples"] == 20 and "fid_teacher_vs_teacher" in result["floors"]
