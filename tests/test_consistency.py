@@ -1,7 +1,7 @@
 """Consistency distillation (LCM, MCD segments, stages) on the analytic GMM teacher.
 
-The acceptance runs (6000 steps each, about 2 minutes per run on one shared CPU thread) only run with
-STEPDISTILL_SLOW=1; the default set checks the algorithm's pieces against diffusers and short training runs.
+The acceptance runs train through the objective's own phases (tests/gmm_harness.py) with the preset's steps,
+batch and LR schedule; the rest checks the algorithm's pieces against diffusers and short training runs.
 Measured at 6000 steps, 4096 samples (seed 0; seed 1 in brackets):
   LCM        1-step SW2 0.055 [0.057], ED 0.0029 [0.0032], precision 0.84 [0.84]; 4-step SW2 0.044 [0.041], ED 0.0019
   MCD S=4    4-step SW2 0.054, ED 0.0025, precision 0.89
@@ -13,22 +13,27 @@ Measured at 6000 steps, 4096 samples (seed 0; seed 1 in brackets):
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from diffusers import LCMScheduler
 from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
     LatentConsistencyModelPipeline,
 )
+from gmm_harness import build, optimize
+from safetensors.torch import load_file
 
 from stepdistill.config import load_config
 from stepdistill.export import load_mlp_student
 from stepdistill.metrics.distribution import evaluate_generator
 from stepdistill.objectives.consistency import (
-    Consistency, SegmentGenerator, adapters_disabled, guidance_embedding, lcm_timesteps, segment_boundaries,
+    Consistency,
+    SegmentGenerator,
+    adapters_disabled,
+    guidance_embedding,
+    lcm_timesteps,
+    segment_boundaries,
     segment_timesteps,
 )
 from stepdistill.schedules import NoiseSchedule, _bcast
@@ -37,7 +42,6 @@ from stepdistill.students import Generator, add_lora
 from stepdistill.training import Trainer, build_objective
 
 CONFIG = Path(__file__).parents[1] / "configs" / "consistency_gmm.yaml"
-slow = pytest.mark.skipif(not os.environ.get("STEPDISTILL_SLOW"), reason="acceptance run: set STEPDISTILL_SLOW=1")
 
 
 def make_config(tmp_path: Path, *overrides: str):
@@ -208,41 +212,58 @@ def test_stages_run_in_order_and_final_model_samples_at_1_2_4_8_steps(tmp_path):
     assert run_stages(rerun) == []
 
 
-# ------------------------------------------------------------------ acceptance (STEPDISTILL_SLOW=1)
-@slow
-def test_lcm_gmm_acceptance(tmp_path):
-    generator, objective = train(make_config(tmp_path))
-    one = evaluate_generator(lcm_sampler(generator, objective, 1), n=4096, seed=0)
-    four = evaluate_generator(lcm_sampler(generator, objective, 4), n=4096, seed=0, num_steps=4)
-    assert one.sw2 <= 0.07 and one.energy <= 0.004 and one.precision >= 0.80, one
+# ------------------------------------------------------------------ acceptance on the analytic teacher
+def distill(objective_class=Consistency, overrides=(), steps: int | None = None):
+    """The preset's training (its steps, batch and LR schedule) through the objective's own phases."""
+    cfg = load_config(CONFIG, list(overrides))
+    objective = build(str(CONFIG), list(overrides))
+    objective.__class__ = objective_class
+    return optimize(objective, steps or cfg.train.max_steps, cfg.train.batch_size,
+                    lr_scheduler=cfg.train.lr_scheduler)
+
+
+def lcm_reports(objective):
+    one = evaluate_generator(lcm_sampler(objective.generator, objective, 1), n=4096, seed=0)
+    four = evaluate_generator(lcm_sampler(objective.generator, objective, 4), n=4096, seed=0, num_steps=4)
+    return one, four
+
+
+def passes(one, four) -> bool:
+    """Issue 5's bounds: 1-step SW2 <= 0.07, ED <= 0.004, precision >= 0.80; 4-step SW2 <= 0.06, ED <= 0.003."""
+    return (one.sw2 <= 0.07 and one.energy <= 0.004 and one.precision >= 0.80
+            and four.sw2 <= 0.06 and four.energy <= 0.003)
+
+
+@pytest.mark.slow
+def test_lcm_gmm_acceptance():
+    one, four = lcm_reports(distill())
+    assert passes(one, four), (one, four)
+
+
+@pytest.mark.slow
+def test_mcd_4_segments_acceptance():
+    objective = distill(overrides=["objective.num_segments=4"])
+    four = evaluate_generator(objective.generator, n=4096, seed=0, num_steps=4)
     assert four.sw2 <= 0.06 and four.energy <= 0.003, four
 
 
-@slow
-def test_mcd_4_segments_acceptance(tmp_path):
-    generator, _ = train(make_config(tmp_path, "objective.num_segments=4"))
-    four = evaluate_generator(generator, n=4096, seed=0, num_steps=4)
-    assert four.sw2 <= 0.06 and four.energy <= 0.003, four
-
-
-@slow
-def test_guided_class_conditional_matches_teacher_cfg(tmp_path):
-    cfg = make_config(tmp_path, "teacher.num_classes=4", "objective.w_min=2.0", "objective.w_max=2.0")  # g = 3
-    generator, _ = train(cfg)
-    teacher = generator.teacher
+@pytest.mark.slow
+def test_guided_class_conditional_matches_teacher_cfg():
+    objective = distill(overrides=["teacher.num_classes=4", "objective.w_min=2.0", "objective.w_max=2.0"])  # g = 3
+    teacher = objective.teacher
     labels = teacher.sample_conditions(4096, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
     reference = teacher.sample(noise, teacher.encode(labels), 200, guidance=3.0)
-    report = evaluate_generator(generator, n=4096, seed=0, reference=reference, labels=labels)
+    report = evaluate_generator(objective.generator, n=4096, seed=0, reference=reference, labels=labels)
     assert report.mode_tv <= 0.10, report
 
 
-@slow
-@pytest.mark.parametrize("defect", [OnlineTargetWithGrad, SolverTowardsNoise, NoBoundaryScalings])
-def test_defects_fail_the_bounds(tmp_path, defect):
-    generator, objective = train(make_config(tmp_path), defect)
-    one = evaluate_generator(lcm_sampler(generator, objective, 1), n=4096, seed=0)
-    four = evaluate_generator(lcm_sampler(generator, objective, 4), n=4096, seed=0, num_steps=4)
-    passes = (one.sw2 <= 0.07 and one.energy <= 0.004 and one.precision >= 0.80
-              and four.sw2 <= 0.06 and four.energy <= 0.003)
-    assert not passes, (one, four)
+@pytest.mark.slow
+@pytest.mark.parametrize("defect,steps", [
+    (OnlineTargetWithGrad, None),  # fails narrowly (ED +17 %), so it gets the full budget
+    (SolverTowardsNoise, 1500),  # fail by far (SW2 > 0.5 at 6000 steps): a quarter of the budget suffices
+    (NoBoundaryScalings, 1500),
+])
+def test_defects_fail_the_bounds(defect, steps):
+    one, four = lcm_reports(distill(defect, steps=steps))
+    assert not passes(one, four), (one, four)
