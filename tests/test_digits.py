@@ -10,8 +10,8 @@ from stepdistill.cli import main
 
 
 def test_splits_are_disjoint_and_prompts_name_digits():
-    train, ytrain = digits.load_digit_images("train")
-    test, ytest = digits.load_digit_images("test")
+    train, _ = digits.load_digit_images("train")
+    test, _ = digits.load_digit_images("test")
     assert train.shape[1:] == (3, 16, 16) and len(train) + len(test) == 1797
     assert 0 <= train.min() and train.max() <= 1
     assert not any(torch.equal(test[0], x) for x in train)  # the held-out split is not in training

@@ -92,11 +92,10 @@ def _tiny_clip(folder):
     from stepdistill.teachers.tiny import tiny_clip_tokenizer
 
     tok = tiny_clip_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-                  patch_size=8)
+    shared = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    text = {**shared, "vocab_size": len(tok), "max_position_embeddings": 77, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {**shared, "image_size": 32, "patch_size": 8}
     torch.manual_seed(3)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     # this random CLIP's image-text cosines are all negative (clamped to a score of 0): flip the text side
