@@ -24,7 +24,7 @@ def test_dm_gradient_matches_the_formula_and_vanishes_when_fake_equals_real():
     torch.testing.assert_close(x.grad, grad / x.numel())
     # recompute grad = (x0_fake - x0_real) / mean|x - x0_real| with the same noise and timesteps
     torch.manual_seed(1)
-    t = obj.teacher.schedule.sample_timesteps(64, 0.02, 0.98)
+    t = obj.teacher.schedule.sample_timesteps(64, obj.config.min_step, obj.config.max_step)
     x_t = obj.teacher.schedule.add_noise(x.detach(), torch.randn_like(x), t)
     x0_real = obj.teacher.predict(x_t, t, cond, 1.0, dtype=torch.float64).x0
     x0_fake = obj.teacher.predict(x_t, t, cond, 1.0, net=obj.critic.fake_score, dtype=torch.float64).x0
