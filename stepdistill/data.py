@@ -87,14 +87,16 @@ class PairDataset(Dataset):
 @torch.no_grad()
 def generate_pairs(teacher: Teacher, source: ConditionSource, directory: str | os.PathLike, num_pairs: int,
                    num_steps: int, guidance: float, seed: int, batch_size: int = 1024, shard_size: int = 8192,
-                   device: torch.device | str = "cpu") -> Path:
+                   device: torch.device | str = "cpu", state_timesteps: list[int] | None = None) -> Path:
     """Run the teacher's ODE sampler from fixed noise and cache (noise, x0, cond_index) in safetensors shards.
+    With `state_timesteps` (descending), the sampler runs over exactly those timesteps and the states x_t at each
+    of them are cached too ("states", [n, len(state_timesteps), ...]): points on the teacher's trajectories.
 
     The cache is written to a temporary folder and renamed into place, so an interrupted run leaves nothing
     half-written; an existing cache made with the same teacher and settings is reused."""
     directory = Path(directory)
     settings = {"teacher": getattr(teacher, "identity", type(teacher).__name__), "steps": num_steps,
-                "guidance": guidance, "seed": seed, "conditions": len(source)}
+                "guidance": guidance, "seed": seed, "conditions": len(source), "states": state_timesteps}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     meta = {"key": key, "num_pairs": num_pairs}
     if (directory / "meta.json").is_file() and json.loads((directory / "meta.json").read_text()) == meta:
@@ -104,13 +106,20 @@ def generate_pairs(teacher: Teacher, source: ConditionSource, directory: str | o
     tmp.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
     buffers: dict[str, list[Tensor]] = {"noise": [], "x0": [], "cond_index": []}
+    if state_timesteps:
+        buffers["states"] = []
     shard, done = 0, 0
     while done < num_pairs:
         n = min(batch_size, num_pairs - done)
         index = torch.randint(0, len(source), (n,), generator=g)
         noise = torch.randn((n, *teacher.sample_shape), generator=g)
         cond = source.encode(index).to(device)
-        x0 = teacher.sample(noise.to(device), cond, num_steps, guidance).cpu()
+        if state_timesteps:
+            states = [x.cpu() for x in teacher.ode_states(noise.to(device), cond, state_timesteps, guidance)]
+            buffers["states"].append(torch.stack(states[:-1], dim=1))
+            x0 = states[-1]
+        else:
+            x0 = teacher.sample(noise.to(device), cond, num_steps, guidance).cpu()
         for k, v in (("noise", noise), ("x0", x0), ("cond_index", index)):
             buffers[k].append(v)
         done += n

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from stepdistill.config import load_config
+from stepdistill.data import PairDataset
 from stepdistill.objectives.base import Objective, get_module
 from stepdistill.training import build_objective
 
@@ -26,9 +27,15 @@ def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0, l
     optimizers = {n: torch.optim.AdamW(params[n], lr=g.lr, betas=g.betas, eps=g.eps, weight_decay=g.weight_decay,
                                        foreach=True) for n, g in groups.items()}
     schedulers = {n: get_scheduler(lr_scheduler, opt, num_warmup_steps=0, num_training_steps=steps) for n, opt in optimizers.items()}
+    data = objective.dataset()
+    cached = data.tensors if isinstance(data, PairDataset) else None  # cached teacher pairs / trajectories
     torch.manual_seed(seed + 1)
     for step in range(steps):
-        batch = {"cond_index": torch.randint(0, len(objective.source), (batch_size,))}
+        if cached is None:
+            batch = {"cond_index": torch.randint(0, len(objective.source), (batch_size,))}
+        else:
+            index = torch.randint(0, len(data), (batch_size,))
+            batch = {k: v[index] for k, v in cached.items()}
         for phase in objective.phases(step):
             objective.loss(phase, batch, step)["loss"].backward()
             if groups[phase].max_grad_norm:

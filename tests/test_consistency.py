@@ -267,3 +267,25 @@ def test_guided_class_conditional_matches_teacher_cfg():
 def test_defects_fail_the_bounds(defect, steps):
     one, four = lcm_reports(distill(defect, steps=steps))
     assert not passes(one, four), (one, four)
+
+
+def test_trajectory_data_trains_on_the_teachers_own_states(tmp_path):
+    """MLCM's data: states on cached teacher trajectories over the solver grid (no forward noising). The cached
+    state at grid point t_i is the teacher's DDIM from the cached noise down to t_i, and a short run learns."""
+    overrides = ["objective.data=trajectory", "objective.num_pairs=2048", "objective.lr=1e-3",
+                 f"train.output_dir={tmp_path}"]
+    objective = build(str(CONFIG), overrides)
+    objective.prepare_data(str(tmp_path), "cpu")
+    data = objective.dataset()
+    states = data.tensors["states"]
+    assert states.shape == (2048, 50, 2)
+    grid = objective.grid.flip(0).tolist()  # 999, 979, ..., 19
+    cond = objective.source.encode(data.tensors["cond_index"][:4])
+    expected = list(objective.teacher.ode_states(data.tensors["noise"][:4], cond, grid[:11]))[10]
+    torch.testing.assert_close(states[:4, 10], expected)  # the state at t = 799
+    untrained = evaluate_generator(lcm_sampler(objective.generator, objective, 4), n=1024, num_steps=4)
+    trained = optimize(objective, 800, 256)
+    report = evaluate_generator(lcm_sampler(trained.generator, trained, 4), n=1024, num_steps=4)
+    assert untrained.sw2 > 0.3 and report.sw2 < 0.15, (untrained, report)
+    with pytest.raises(ValueError, match="pair_guidance - 1"):
+        build(str(CONFIG), ["objective.data=trajectory", "objective.w_min=2.0", "objective.w_max=2.0"])

@@ -51,7 +51,9 @@ class ConsistencyConfig(ObjectiveConfig):
     teacher_net: str = "teacher"  # teacher | lora_base (the LoRA student's base with adapters disabled)
     loss: str = "pseudo_huber"  # pseudo_huber (c = 0.001) | l2
     huber_c: float = 0.001
-    data: str = "real"  # real (the GMM's own samples) | teacher (cached teacher ODE samples, data-free)
+    # real (the GMM's own samples) | teacher (cached teacher ODE samples, re-noised; data-free) | trajectory
+    # (states on cached teacher trajectories over the solver grid, MLCM §3: no forward noising at all)
+    data: str = "real"
     num_pairs: int = 10000  # data=teacher: number of cached teacher samples
     pair_steps: int = 50  # data=teacher: DDIM steps of the teacher sampler
     pair_guidance: float = 1.0  # data=teacher: CFG scale (standard form) of the cached samples
@@ -60,7 +62,7 @@ class ConsistencyConfig(ObjectiveConfig):
     stages: list[dict] = field(default_factory=list)  # [{num_segments: 8, max_steps: N, ...}, ...] (stages.py)
 
     CHOICES = {"target": ("ema", "online"), "teacher_net": ("teacher", "lora_base"),
-               "loss": ("l2", "pseudo_huber"), "data": ("real", "teacher")}
+               "loss": ("l2", "pseudo_huber"), "data": ("real", "teacher", "trajectory")}
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -159,6 +161,9 @@ class Consistency(Objective):
                              "(each stage trains with its own num_segments)")
         if config.w_min > config.w_max:
             raise ValueError(f"objective.w_min ({config.w_min}) must not exceed objective.w_max ({config.w_max})")
+        if config.data == "trajectory" and not config.w_min == config.w_max == config.pair_guidance - 1:
+            raise ValueError("objective.data=trajectory caches the teacher's trajectories at one guidance scale: set "
+                             "objective.w_min = objective.w_max = objective.pair_guidance - 1")
         if config.target == "ema" and not 0.0 <= config.ema_decay < 1.0:
             raise ValueError(f"objective.ema_decay must lie in [0, 1), got {config.ema_decay}")
         super().__init__(teacher, generator, source, config)
@@ -197,15 +202,17 @@ class Consistency(Objective):
                 raise ValueError("objective.data=real needs a teacher with its own data (the GMM teacher); use "
                                  "objective.data=teacher for data-free distillation on teacher samples")
             return
+        states = self.grid.flip(0).tolist() if c.data == "trajectory" else None
         self._pair_dir = generate_pairs(self.teacher, self.source, c.pair_dir or Path(output_dir) / "pairs",
-                                        c.num_pairs, c.pair_steps, c.pair_guidance, c.pair_seed, device=device)
+                                        c.num_pairs, c.pair_steps, c.pair_guidance, c.pair_seed, device=device,
+                                        state_timesteps=states)
 
     def dataset(self) -> Dataset:
         return super().dataset() if self.config.data == "real" else PairDataset(self._pair_dir)
 
     def clean_samples(self, batch: dict[str, Tensor], cond: Cond) -> Tensor:
-        """x0 of the batch: the mixture's samples for the batch's classes, or cached teacher samples."""
-        if self.config.data == "teacher":
+        """x0 of the batch: the mixture's samples for the batch's classes, or cached teacher endpoints."""
+        if self.config.data in ("teacher", "trajectory"):
             return batch["x0"].to(self.device)
         mixture = self.teacher.mixture
         labels = batch["cond_index"].cpu() if mixture.conditional else None
@@ -262,7 +269,10 @@ class Consistency(Objective):
         index = torch.randint(0, len(self.grid), (n,), device="cpu")
         t, boundary = self.grid[index].to(device), self.boundaries[index].to(device)
         s = self.solver_end(t)
-        x_t = schedule.add_noise(x0, torch.randn_like(x0), t)
+        if c.data == "trajectory":  # the teacher's own state at t (states run down the grid: 999 first)
+            x_t = batch["states"][torch.arange(n), len(self.grid) - 1 - index].to(device)
+        else:
+            x_t = schedule.add_noise(x0, torch.randn_like(x0), t)
         w = c.w_min + (c.w_max - c.w_min) * torch.rand(n, device=device)
         fields = self.student_fields(cond, w)
         pred = self.consistency_map(self.generator.backbone, x_t, t, boundary, fields)

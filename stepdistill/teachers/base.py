@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -118,11 +118,20 @@ class Teacher(ABC):
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Cond, num_steps: int = 50, guidance: float = 1.0) -> Tensor:
         """The teacher's own deterministic ODE sampler (DDIM, trailing spacing / flow Euler) from pure noise."""
-        timesteps = self.schedule.inference_timesteps(num_steps)
-        x = noise.to(torch.float32)  # pure noise, as diffusers pipelines start (init_noise_sigma = 1)
+        for x in self.ode_states(noise, cond, self.schedule.inference_timesteps(num_steps), guidance):
+            pass
+        return x
+
+    @torch.no_grad()
+    def ode_states(self, noise: Tensor, cond: Cond, timesteps: list[float], guidance: float = 1.0
+                   ) -> Iterator[Tensor]:
+        """The states of the deterministic sampler over descending `timesteps`: x_{t_0} (the pure noise, as
+        diffusers pipelines start), x_{t_1}, ..., then the clean endpoint."""
+        x = noise.to(torch.float32)
+        yield x
         for i, t in enumerate(timesteps):
             t_vec = torch.full((x.shape[0],), t, device=x.device)
             pred = self.predict(x, t_vec, cond, guidance)
             t_prev = torch.full_like(t_vec, timesteps[i + 1]) if i + 1 < len(timesteps) else None
             x = self.schedule.ddim_step(pred.x0, pred.eps, t_prev)
-        return x
+            yield x
