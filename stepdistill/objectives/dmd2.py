@@ -133,7 +133,7 @@ class RealSamples:
     """Real data for the GAN term: true-mixture samples (analytic teacher) or cached latents."""
 
     def __init__(self, spec: str, teacher: Teacher) -> None:
-        self.spec, self.teacher = spec, teacher
+        self.teacher = teacher
         if spec == "mixture":
             if not hasattr(teacher, "mixture"):
                 raise ValueError("objective.real_data=mixture needs the analytic teacher (teacher.kind=gmm)")
