@@ -85,9 +85,13 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     device_threads: int = 0  # torch CPU threads; 0 leaves torch's default
     progress: bool = True
+    # speed and memory (issue 7): each is measured by eval/speed.py and counted by eval/plan.py
+    optimizer: str = "adamw"  # adamw | adamw_fused (torch's fused kernel) | adamw_8bit (bitsandbytes, 1/4 the state)
+    compile: bool = False  # torch.compile the trainable backbones and the teacher's backbone, in place
+    channels_last: bool = False  # backbones' conv weights in channels_last memory format (no effect on MLPs)
 
     CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "report_to": ("tensorboard", "wandb", "none"),
-               "nonfinite": ("stop", "skip"),
+               "nonfinite": ("stop", "skip"), "optimizer": ("adamw", "adamw_fused", "adamw_8bit"),
                "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine")}
     RANGES = {"max_steps": ">=1", "batch_size": ">=1", "lr_warmup_steps": ">=0", "ema_decay": "[0,1)",
               "checkpoint_every": ">=0", "checkpoints_limit": ">=1", "log_every": ">=1", "validate_every": ">=0",

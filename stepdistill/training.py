@@ -2,6 +2,7 @@
 EMA, checkpoints, logs and validation pictures, and knows nothing of any objective's math."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -21,10 +22,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stepdistill.config import Config, check_teacher_source, config_to_dict
+from stepdistill.config import Config, ConfigError, check_teacher_source, config_to_dict
 from stepdistill.data import ConditionSource, ImageFolderDataset, read_prompts
 from stepdistill.objectives import REGISTRY, Objective
 from stepdistill.objectives.base import get_module, set_module
@@ -143,6 +145,33 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def optimizer_class(name: str) -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer that train.optimizer names, called as AdamW(params, lr=, betas=, eps=, weight_decay=)."""
+    if name == "adamw_8bit":
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError as e:
+            raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes, which is not installed: "
+                              "pip install bitsandbytes, or set train.optimizer=adamw") from e
+        return AdamW8bit
+    if name == "adamw_fused":
+        return functools.partial(torch.optim.AdamW, fused=True)
+    if name == "adamw":
+        return torch.optim.AdamW
+    raise ConfigError(f"train.optimizer: {name!r} is not one of ['adamw', 'adamw_fused', 'adamw_8bit']")
+
+
+def check_fused_adamw(device: torch.device) -> None:
+    """Fail before training if torch has no fused AdamW kernel for `device` (torch checks only at the first step)."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:
+        torch.optim.AdamW([probe], fused=True).step()
+    except RuntimeError as e:
+        raise ConfigError(f"train.optimizer=adamw_fused: torch {torch.__version__} has no fused AdamW on "
+                          f"{device.type} ({str(e).splitlines()[0]}); set train.optimizer=adamw") from e
+
+
 def build_objective(cfg: Config, device: torch.device | str) -> Objective:
     """Teacher, conditions, student and objective as the config describes them (prompts read before the
     teacher loads, so a bad prompt file fails fast)."""
@@ -174,6 +203,7 @@ class Trainer:
         set_seed(t.seed)
         self._check_output_dir()
         self._check_inputs()
+        self.optimizer_class = optimizer_class(t.optimizer)  # a missing bitsandbytes fails before the teacher loads
         acc = self.accelerator
         self.objective = objective or build_objective(cfg, acc.device)
         self._check_compatible()
@@ -185,6 +215,7 @@ class Trainer:
             if not hasattr(backbone, "enable_gradient_checkpointing"):
                 raise ValueError(f"train.gradient_checkpointing: {type(backbone).__name__} does not support it")
             backbone.enable_gradient_checkpointing()
+        self._apply_speed_options()
         self._build_optimizers()
         self.ema = None
         if t.ema_decay > 0:
@@ -254,6 +285,24 @@ class Trainer:
                                  f"VAE and backbone need: use e.g. data.resolution={fit}")
         self.objective.check_compatible()
 
+    def networks(self) -> list[nn.Module]:
+        """The networks a training step runs: each optimizer group's module and the teacher's backbone, once each."""
+        modules = [get_module(self.objective, g.module) for g in self.objective.optimizer_groups()]
+        teacher = getattr(self.objective.teacher, "backbone", None)  # the analytic GMM teacher has none
+        if isinstance(teacher, nn.Module):
+            modules.append(teacher)
+        return list({id(m): m for m in modules}.values())
+
+    def _apply_speed_options(self) -> None:
+        """train.channels_last and train.compile, before accelerate.prepare. `Module.compile()` compiles in place,
+        so state-dict keys (checkpoints, EMA, export) stay those of the eager module (no `_orig_mod.` prefix)."""
+        t = self.cfg.train
+        for module in self.networks():
+            if t.channels_last:
+                module.to(memory_format=torch.channels_last)  # 4-D (conv) weights only; others unchanged
+            if t.compile:
+                module.compile()
+
     def _ema_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.objective.generator.backbone.parameters() if p.requires_grad]
 
@@ -266,8 +315,10 @@ class Trainer:
             params = [p for p in get_module(self.objective, g.module).parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"optimizer group {g.name!r}: module {g.module} has no trainable parameters")
-            self.optimizers[g.name] = torch.optim.AdamW(params, lr=g.lr, betas=g.betas, eps=g.eps,
-                                                        weight_decay=g.weight_decay)
+            if t.optimizer == "adamw_fused":
+                check_fused_adamw(params[0].device)
+            self.optimizers[g.name] = self.optimizer_class(params, lr=g.lr, betas=g.betas, eps=g.eps,
+                                                           weight_decay=g.weight_decay)
             self.schedulers[g.name] = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizers[g.name],
                 lr_factor(t.lr_scheduler, t.lr_warmup_steps, t.max_steps, acc.num_processes))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stepdistill.config import load_config
+from stepdistill.perf import speed
 from stepdistill.perf.arch import build_teacher
 from stepdistill.perf.memory import build_meta_objective, count_saved, estimate, storage_bytes
 from stepdistill.perf.speed import PRESETS, BenchTrainer, bench_config
@@ -100,3 +101,56 @@ def test_plan_recommends_options_that_fit(tmp_path):
     assert tight["recommendation"] == next((r["option"] for r in rows if r["fits"]), "does not fit: lower train.batch_size")
     roomy = plan(cfg, gpu_gib=80, model="tiny-sd", bitsandbytes=False)
     assert roomy["recommendation"] == "as configured" and len(roomy["estimates"]) == 1
+
+
+def test_bench_options_are_the_users_config_keys(tmp_path):
+    """Each measured option is a config override the trainer acts on (no hacks on built objects)."""
+    assert not hasattr(speed, "apply_option")
+    assert PRESETS["h100"].train_options["sd15"][-1] == "compile"
+    cpu = torch.device("cpu")
+    train = {o: bench_config("dmd2", "tiny-sd", 2, o, cpu, str(tmp_path)).train
+             for o in ("bf16", "fused_adamw", "channels_last", "compile", "grad_ckpt")}
+    assert (train["bf16"].optimizer, train["bf16"].channels_last, train["bf16"].compile) == ("adamw", False, False)
+    assert train["fused_adamw"].optimizer == "adamw_fused" and train["channels_last"].channels_last
+    assert train["compile"].compile and train["grad_ckpt"].gradient_checkpointing
+    assert not train["bf16"].gradient_checkpointing
+    both = bench_config("dmd2", "tiny-sdxl", 2, "grad_ckpt+lora", cpu, str(tmp_path))
+    assert both.student.kind == "lora" and both.train.gradient_checkpointing
+    for preset in PRESETS.values():
+        for options in preset.train_options.values():
+            for option in options:
+                speed.option_overrides(option)  # every preset option maps to config keys
+    with pytest.raises(ValueError, match="benchmark option 'fast' is not one of"):
+        speed.option_overrides("grad_ckpt+fast")
+
+
+def test_plan_counts_optimizer_state_bytes_by_optimizer():
+    cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), ["train.batch_size=2"])
+    est = {o: estimate(build_meta_objective(cfg, "tiny-sd"), 2, optimizer=o)
+           for o in ("adamw", "adamw_fused", "adamw_8bit")}
+    trainable = sum(est["adamw"].options["trainable_params"].values())
+    assert est["adamw"].optimizer == 8 * trainable == est["adamw_fused"].optimizer
+    assert est["adamw_8bit"].optimizer * 4 == est["adamw"].optimizer
+    for key in ("weights", "grads", "activations"):
+        assert getattr(est["adamw_8bit"], key) == getattr(est["adamw"], key)
+
+
+def test_plan_recommends_8bit_adamw_where_it_makes_the_run_fit():
+    from stepdistill.perf.memory import HEADROOM, GiB, plan
+
+    cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"),
+                      ["train.batch_size=2", "train.gradient_checkpointing=false"])
+    ckpt = estimate(build_meta_objective(cfg, "tiny-sd"), 2, gradient_checkpointing=True)
+    ckpt_8bit = estimate(build_meta_objective(cfg, "tiny-sd"), 2, gradient_checkpointing=True, optimizer="adamw_8bit")
+    gpu_gib = (ckpt.total + ckpt_8bit.total) / 2 / HEADROOM / GiB  # fits with 8-bit states, not without
+    for installed, name in ((True, "gradient checkpointing + 8-bit AdamW"),
+                            (False, "gradient checkpointing + 8-bit AdamW (needs pip install bitsandbytes)")):
+        result = plan(cfg, gpu_gib=gpu_gib, model="tiny-sd", bitsandbytes=installed)
+        assert result["recommendation"] == name
+        row = result["estimates"][-1]
+        assert row["set"] == ["train.gradient_checkpointing=true", "train.optimizer=adamw_8bit"]
+        assert row["options"]["optimizer"] == "adamw_8bit"
+    configured = plan(load_config(str(ROOT / "configs/dmd2_sd15.yaml"), ["train.batch_size=2",
+                                                                         "train.optimizer=adamw_8bit"]),
+                      gpu_gib=80, model="tiny-sd", bitsandbytes=False)
+    assert configured["estimates"][0]["optimizer"] == round(ckpt_8bit.optimizer / GiB, 3)

@@ -19,7 +19,9 @@ from stepdistill.objectives import REGISTRY, Objective
 from stepdistill.objectives.base import get_module
 
 GiB = 2**30
-ADAM_BYTES = {"adamw": 8, "adamw8bit": 2}  # exp_avg + exp_avg_sq per parameter (bitsandbytes: 1 byte each)
+# Optimizer state bytes per trainable parameter by train.optimizer: AdamW's exp_avg + exp_avg_sq in fp32; bitsandbytes'
+# AdamW8bit keeps both in 8 bits (it leaves tensors under 4096 elements in fp32: biases and norms, a small share).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2}
 HEADROOM = 0.9  # fraction of the card a plan may fill (allocator fragmentation, cuBLAS/cuDNN workspaces)
 
 
@@ -159,8 +161,10 @@ def _null() -> Iterator[None]:
 
 def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16",
              gradient_checkpointing: bool = False, optimizer: str = "adamw", shards: int = 1) -> MemoryEstimate:
-    """Memory of training `objective` at `batch_size` per GPU. With `shards` > 1 (FSDP full shard) trainable
-    weights, gradients and optimizer states are divided among the GPUs."""
+    """Memory of training `objective` at `batch_size` per GPU with `optimizer` (a train.optimizer choice). With
+    `shards` > 1 (FSDP full shard) trainable weights, gradients and optimizer states are divided among the GPUs."""
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {sorted(OPTIMIZER_BYTES)}")
     modules = trainable_modules(objective)
     if gradient_checkpointing:
         for m in modules.values():
@@ -173,14 +177,17 @@ def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16
                      if isinstance(v, nn.Module) and v is not objective.teacher.backbone}
     teacher_parts["teacher.backbone"] = objective.teacher.backbone
     by_module = {k: storage_bytes(m.parameters()) for k, m in teacher_parts.items()}
-    own = storage_bytes(t for m in (objective,) for t in [*m.parameters(), *m.buffers()])
+    # a module the objective shares with the teacher (DMD2's critic_shared_base) is counted once, as the teacher's
+    counted = {p.untyped_storage()._cdata for m in teacher_parts.values() for p in m.parameters()}
+    own = storage_bytes(t for t in [*objective.parameters(), *objective.buffers()]
+                        if t.untyped_storage()._cdata not in counted)
     by_module["objective (students, critics, targets)"] = own
     weights = sum(by_module.values())
     sharded = sum(4 * n for n in trainable.values()) * (1 - 1 / shards)
     activations = max(saved_activation_bytes(objective, name, batch_size, mixed_precision) for name in modules)
     return MemoryEstimate(
         weights=int(weights - sharded), grads=max(4 * n for n in trainable.values()) // shards,
-        optimizer=sum(ADAM_BYTES[optimizer] * n for n in trainable.values()) // shards, activations=activations,
+        optimizer=sum(OPTIMIZER_BYTES[optimizer] * n for n in trainable.values()) // shards, activations=activations,
         by_module=by_module,
         options={"batch_size": batch_size, "mixed_precision": mixed_precision, "optimizer": optimizer,
                  "gradient_checkpointing": gradient_checkpointing, "fsdp_shards": shards,
@@ -212,8 +219,10 @@ def build_meta_objective(cfg: Config, model: str | None = None) -> Objective:
 
 def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bool | None = None,
          max_shards: int = 8) -> dict:
-    """Estimates for the config as written, then the first option set (in order of cost to speed or quality)
-    that fits `gpu_gib`: gradient checkpointing, 8-bit AdamW, a LoRA generator, FSDP over 2..max_shards GPUs."""
+    """Estimates for the config as written (its train.optimizer's state bytes included), then the first option
+    set (in order of cost to speed or quality) that fits `gpu_gib`: gradient checkpointing, 8-bit AdamW
+    (train.optimizer=adamw_8bit, suggested with an install hint where bitsandbytes is missing), a LoRA
+    generator, FSDP over 2..max_shards GPUs. Each row lists the config keys to `set`."""
     if bitsandbytes is None:
         try:
             import bitsandbytes  # noqa: F401
@@ -223,25 +232,29 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
             bitsandbytes = False
     mp = "no" if cfg.train.mixed_precision == "no" else "bf16"
     t = cfg.train
-    candidates: list[tuple[str, Config, dict]] = [
-        ("as configured", cfg, {"gradient_checkpointing": t.gradient_checkpointing}),
-        ("gradient checkpointing", cfg, {"gradient_checkpointing": True}),
+    base = {"gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer}
+    ckpt = {**base, "gradient_checkpointing": True}
+    set_ckpt = ["train.gradient_checkpointing=true"]
+    candidates: list[tuple[str, Config, dict, list[str]]] = [  # (name, config, estimate options, keys to set)
+        ("as configured", cfg, base, []),
+        ("gradient checkpointing", cfg, ckpt, set_ckpt),
     ]
-    if bitsandbytes:
-        candidates.append(("gradient checkpointing + 8-bit AdamW", cfg,
-                           {"gradient_checkpointing": True, "optimizer": "adamw8bit"}))
+    if t.optimizer != "adamw_8bit":  # a quarter of AdamW's state bytes
+        needs = "" if bitsandbytes else " (needs pip install bitsandbytes)"
+        candidates.append((f"gradient checkpointing + 8-bit AdamW{needs}", cfg, {**ckpt, "optimizer": "adamw_8bit"},
+                           set_ckpt + ["train.optimizer=adamw_8bit"]))
     if cfg.student.kind != "lora":
         lora = copy.deepcopy(cfg)
         lora.student.kind = "lora"
-        candidates.append(("gradient checkpointing + LoRA generator", lora, {"gradient_checkpointing": True}))
+        candidates.append(("gradient checkpointing + LoRA generator", lora, ckpt, set_ckpt + ["student.kind=lora"]))
     candidates += [(f"gradient checkpointing + FSDP over {n} GPUs (configs/accelerate/fsdp.yaml)", cfg,
-                    {"gradient_checkpointing": True, "shards": n}) for n in (2, 4, 8) if n <= max_shards]
+                    {**ckpt, "shards": n}, set_ckpt) for n in (2, 4, 8) if n <= max_shards]
     budget = gpu_gib * GiB * HEADROOM
     rows, recommendation = [], None
-    for name, c, options in candidates:
+    for name, c, options, keys in candidates:
         est = estimate(build_meta_objective(c, model), t.batch_size, mp, **options)
         fits = est.total <= budget
-        rows.append({"option": name, "fits": fits, **est.as_dict()})
+        rows.append({"option": name, "fits": fits, "set": keys, **est.as_dict()})
         if fits:
             recommendation = name
             break

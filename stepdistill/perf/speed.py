@@ -43,7 +43,8 @@ class Preset:
     guidance: float
     warmup: int
     iters: int
-    train_options: dict[str, list[str]]  # model -> options measured one by one (baseline first)
+    # model -> options measured one by one (baseline first); each is a config override (OPTION_OVERRIDES)
+    train_options: dict[str, list[str]]
     max_batch_search: list[int] = field(default_factory=list)  # DMD2 batch sizes tried on the first model
     compile_sampling: bool = False
     budget_s: float = 1e9  # items that would start after this many seconds are skipped (and say so)
@@ -55,7 +56,8 @@ PRESETS = {
                    iters=2, train_options={"tiny-sd": ["bf16", "channels_last"], "tiny-sdxl": ["bf16"]}),
     "h100": Preset(device="cuda", models=["sd15", "sdxl"], train_batch={"sd15": 16, "sdxl": 2},
                    sample_batch={"sd15": 32, "sdxl": 8}, teacher_steps=[25, 50], guidance=7.5, warmup=2, iters=5,
-                   train_options={"sd15": ["bf16", "fused_adamw", "channels_last", "grad_ckpt", "fp32_tf32"],
+                   train_options={"sd15": ["bf16", "fused_adamw", "channels_last", "grad_ckpt", "fp32_tf32",
+                                           "compile"],
                                   "sdxl": ["grad_ckpt", "grad_ckpt+lora"]},
                    max_batch_search=[32, 48, 64, 96], compile_sampling=True, budget_s=330),
 }
@@ -69,7 +71,8 @@ def sync(device: torch.device) -> None:
 
 class ForwardTimer:
     """Forward time spent inside modules, by name, from pre/post hooks: CUDA events on GPU (no host sync in
-    the step), wall clock on CPU. Nested calls (a shared base) count in each module."""
+    the step), wall clock on CPU. Nested calls (a shared base) count in each module. The hooks run eagerly in
+    compiled modules (a graph break at each module's start and end)."""
 
     def __init__(self, modules: dict[str, nn.Module], device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -80,6 +83,7 @@ class ForwardTimer:
             self.handles.append(module.register_forward_hook(self._mark(name)))
 
     def _mark(self, name: str) -> Callable:
+        @torch.compiler.disable
         def hook(*_):
             if self.cuda:
                 event = torch.cuda.Event(enable_timing=True)
@@ -157,16 +161,34 @@ def family(model: str) -> str:
     return "sdxl" if "sdxl" in model else "sd"
 
 
+# Benchmark options as the config keys a user sets ("+" combines them). bf16 is the baseline; fp32_tf32 also
+# switches TF32 matmuls on. compile's compilation happens in the preset's warm-up steps, outside the timing.
+OPTION_OVERRIDES = {
+    "bf16": [], "fp32_tf32": [], "grad_ckpt": ["train.gradient_checkpointing=true"], "lora": ["student.kind=lora"],
+    "fused_adamw": ["train.optimizer=adamw_fused"], "adamw_8bit": ["train.optimizer=adamw_8bit"],
+    "channels_last": ["train.channels_last=true"], "compile": ["train.compile=true"],
+}
+
+
+def option_overrides(option: str) -> list[str]:
+    """The config overrides of a benchmark option such as "grad_ckpt+lora"."""
+    out = []
+    for part in option.split("+"):
+        if part not in OPTION_OVERRIDES:
+            raise ValueError(f"benchmark option {part!r} is not one of {sorted(OPTION_OVERRIDES)}")
+        out += OPTION_OVERRIDES[part]
+    return out
+
+
 def bench_config(objective: str, model: str, batch: int, option: str, device: torch.device, out_dir: str):
     """The preset config of `objective` with benchmark overrides (no logs, checkpoints or previews; a pair
-    cache of one batch from a 1-step teacher, since pair generation is not what is measured)."""
+    cache of one batch from a 1-step teacher, since pair generation is not what is measured) and the config
+    keys of `option`."""
     mp = "no" if option == "fp32_tf32" or device.type == "cpu" else "bf16"
     overrides = [f"train.output_dir={out_dir}", f"train.batch_size={batch}", "train.report_to=none",
                  "train.checkpoint_every=0", "train.validate_every=0", "train.progress=false", "train.ema_decay=0",
-                 f"train.mixed_precision='{mp}'", "train.overwrite=true",
-                 f"train.gradient_checkpointing={'true' if 'grad_ckpt' in option else 'false'}"]
-    if "lora" in option:
-        overrides.append("student.kind=lora")
+                 f"train.mixed_precision='{mp}'", "train.overwrite=true", "train.gradient_checkpointing=false",
+                 *option_overrides(option)]
     cfg = load_config(str(CONFIGS / OBJECTIVE_CONFIGS[objective][family(model)]), overrides)
     for key, value in (("num_pairs", batch), ("teacher_steps", 1), ("pair_steps", 1)):
         if hasattr(cfg.objective, key):
@@ -174,19 +196,6 @@ def bench_config(objective: str, model: str, batch: int, option: str, device: to
     if hasattr(cfg.objective, "real_data"):
         cfg.objective.real_data = ""
     return cfg
-
-
-def apply_option(trainer: Trainer, option: str) -> None:
-    """Options that act on built objects: channels_last backbones, fused AdamW."""
-    objective = trainer.objective
-    if option == "channels_last":
-        for module in (objective.generator.backbone, objective.teacher.backbone, getattr(objective, "critic", None)):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
-    if option == "fused_adamw":
-        for opt in trainer.optimizers.values():
-            for group in opt.param_groups:
-                group["fused"], group["foreach"] = True, False
 
 
 def bench_training(objective_name: str, model: str, batch: int, option: str, preset: Preset,
@@ -201,12 +210,10 @@ def bench_training(objective_name: str, model: str, batch: int, option: str, pre
         objective = REGISTRY[cfg.objective.name](teacher, build_student(teacher, cfg.student),
                                                  ConditionSource(teacher, DEFAULT_PROMPTS), cfg.objective)
         trainer = BenchTrainer(cfg, objective)
-        apply_option(trainer, option)
         batch_data = next(trainer._batches())
         modules = {"generator": objective.generator.backbone, "teacher": teacher.backbone}
         if hasattr(objective, "critic"):
             modules["critic"] = objective.critic.fake_score
-        timer = ForwardTimer(modules, device)
         cycle = getattr(objective.config, "critic_updates", 1)
         kinds: dict[str, int] = {}
         for s in range(cycle):
@@ -218,11 +225,15 @@ def bench_training(objective_name: str, model: str, batch: int, option: str, pre
 
         steps = []
         for kind, at in kinds.items():
-            seconds = median_time(lambda: step(at), device, preset.warmup, preset.iters)
+            seconds = median_time(lambda: step(at), device, preset.warmup, preset.iters)  # timed without hooks
+            timer = ForwardTimer(modules, device)
+            if cfg.train.compile:
+                step(at)  # compiled modules recompile for the hooks
             timer.reset()
             step(at)
             sync(device)
             split = timer.seconds()
+            timer.close()
             with FlopCounterMode(display=False) as counter:
                 step(at)
             flops = counter.get_total_flops()
@@ -231,7 +242,6 @@ def bench_training(objective_name: str, model: str, batch: int, option: str, pre
                           "step_s": seconds, "samples_per_s": batch / seconds, "tflop_per_step": flops / 1e12,
                           "mfu": flops / seconds / peak_flops if peak_flops else None,
                           "forward_s": {k: round(v, 5) for k, v in split.items()}})
-        timer.close()
         mean_step = sum(s["step_s"] * s["share_of_steps"] for s in steps)
         row = {"objective": objective_name, "model": model, "batch": batch, "option": option,
                "mixed_precision": cfg.train.mixed_precision, "teacher_dtype": str(teacher_dtype).split(".")[-1],
@@ -245,7 +255,7 @@ def bench_training(objective_name: str, model: str, batch: int, option: str, pre
             from stepdistill.perf.memory import build_meta_objective, estimate
 
             est = estimate(build_meta_objective(cfg, model), batch, "no" if option == "fp32_tf32" else "bf16",
-                           gradient_checkpointing="grad_ckpt" in option)
+                           gradient_checkpointing=cfg.train.gradient_checkpointing, optimizer=cfg.train.optimizer)
             row["plan_estimate_gib"] = round(est.total / 2**30, 2)
         del trainer, objective, teacher
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
