@@ -1,7 +1,7 @@
 """The digits benchmark: every landed objective distills the shipped digits teacher into a one-step student with the
-same budget (generator-side training steps and batch) and seeds, then all are scored like the demo (prompt
-accuracy, digits FID vs the teacher's 50-step samples and vs real test digits, images/s) next to the teacher at
-1 and 4 DDIM steps. Writes <out>/benchmark.json and the table of BENCHMARKS.md.
+same budget (generator updates and batch) and seeds, then all are scored like the demo (prompt accuracy, digits
+FID vs the teacher's 50-step samples and vs real test digits, images/s) next to the teacher at 1 and 4 DDIM steps.
+Writes <out>/benchmark.json, <out>/benchmark.md and, with --markdown, the digits section of that file.
 
     python eval/benchmark.py --out runs/benchmark --markdown BENCHMARKS.md
 """
@@ -9,32 +9,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from stepdistill import digits
-from stepdistill.demo import DEMO_CONFIG, run_distillation
+from stepdistill.demo import DEMO_CONFIG, EVAL_SEED, markdown_table, run_distillation
 from stepdistill.metrics.digits import REFERENCE_NAME, TEACHER_GUIDANCE, digits_reference, evaluate_digits
 from stepdistill.pipelines.export import load_exported
 
-# objective overrides on top of the demo config (teacher, student at t = 999, batch, seed); all at the same
-# number of steps except where a method updates its generator once every critic_updates steps (DMD2: the step
-# count is doubled so that the generator gets the same number of updates).
-METHODS = {
-    "regression (DMD L_reg / rectified-flow distillation)": [
-        "objective.name=regression", "objective.lr=1e-4", "objective.num_pairs=1000", "objective.teacher_steps=20",
-        "objective.guidance=3.0", "objective.loss=l2"],
-    "consistency (LCM, data-free)": [
-        "objective.name=consistency", "objective.lr=1e-4", "objective.data=teacher", "objective.num_pairs=1000",
-        "objective.pair_steps=20", "objective.pair_guidance=3.0", "objective.w_min=0", "objective.w_max=0",
-        "objective.loss=l2"],
-    "DMD2 (no GAN)": [],
-    "DMD2 + GAN on real digits": ["objective.real_data={real}", "objective.gan_generator_weight=3e-3",
-                                  "objective.gan_critic_weight=1e-2"],
+DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
+# Each method's objective section; everything else (teacher, student = a copy of its UNet at t = 999, batch 32,
+# seed) is the demo's. Teacher-sample methods use the teacher at the reference's CFG scale 3 (LCM form: omega 2).
+METHODS: dict[str, dict] = {
+    "regression (DMD L_reg / rectified-flow distillation)": {
+        "name": "regression", "lr": 5e-4, "num_pairs": 1000, "teacher_steps": 20, "guidance": TEACHER_GUIDANCE,
+        "loss": "l2"},
+    "consistency (LCM, data-free)": {
+        "name": "consistency", "lr": 5e-4, "data": "teacher", "num_pairs": 1000, "pair_steps": 20,
+        "pair_guidance": TEACHER_GUIDANCE, "w_min": TEACHER_GUIDANCE - 1, "w_max": TEACHER_GUIDANCE - 1,
+        "loss": "l2"},
+    "DMD2 (no GAN)": DEMO_OBJECTIVE,
+    "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "{real}", "gan_generator_weight": 3e-3,
+                                  "gan_critic_weight": 1e-2},
 }
+SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->"
 
 
 def real_latents(path: Path) -> Path:
@@ -48,59 +52,82 @@ def real_latents(path: Path) -> Path:
     return path
 
 
+def method_config(name: str, out: Path, real: Path) -> Path:
+    """The demo config with this method's objective section, written to <out>/configs/ (it is what ran)."""
+    tree = yaml.safe_load(DEMO_CONFIG.read_text())
+    tree["objective"] = {k: (v.format(real=real) if isinstance(v, str) else v) for k, v in METHODS[name].items()}
+    path = out / "configs" / f"{slug(name)}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
+
+
+def write_section(markdown: Path, section: str) -> None:
+    """Replace the digits section of `markdown` (between the markers), or append it; the rest is kept."""
+    block = f"{SECTION_START}\n{section.strip()}\n{SECTION_END}"
+    text = markdown.read_text() if markdown.is_file() else "# Benchmarks\n"
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        text = head + block + rest.split(SECTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    markdown.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--generator-steps", type=int, default=150, help="generator updates per method")
-    parser.add_argument("--per-digit", type=int, default=50)
-    parser.add_argument("--markdown", default="")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--per-digit", type=int, default=50, help="evaluation samples per digit and row")
+    parser.add_argument("--markdown", default="", help="also write the table into this file's digits section")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     out = Path(args.out)
+    start = time.perf_counter()
     teacher = digits.load_digits_pipeline()
     reference = digits_reference(teacher, digits.TEACHER_DIR / REFERENCE_NAME)
     rows = {}
     for steps in (1, 4):
-        rows[f"teacher {steps}-step DDIM (CFG {TEACHER_GUIDANCE:g})"], _ = evaluate_digits(
-            teacher, reference, steps, TEACHER_GUIDANCE, args.per_digit)
+        rows[f"teacher {steps}-step DDIM"], _ = evaluate_digits(teacher, reference, steps, TEACHER_GUIDANCE,
+                                                                args.per_digit, EVAL_SEED)
     real = real_latents(out / "real_latents.safetensors")
     for name in args.methods:
-        overrides = [o.format(real=real) for o in METHODS[name]]
-        train_steps = args.generator_steps * (2 if name.startswith("DMD2") else 1)  # demo: critic_updates 2
-        slug = "".join(c if c.isalnum() else "_" for c in name.lower())[:40]
-        start = time.perf_counter()
-        _, result = run_distillation(DEMO_CONFIG, overrides + [f"train.max_steps={train_steps}",
-                                                              f"train.output_dir={out / slug}", "train.seed=0"])
-        seconds = time.perf_counter() - start
+        # a method that updates its critic several times per generator update gets that many more steps
+        train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))
+        run_start = time.perf_counter()
+        _, result = run_distillation(method_config(name, out, real), [
+            f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
+        seconds = time.perf_counter() - run_start
         student, recipe = load_exported(result.final_dir)
         student.set_progress_bar_config(disable=True)
         kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items()
                   if k not in ("guidance_scale", "num_inference_steps")}
         rows[name], _ = evaluate_digits(student, reference, recipe["num_inference_steps"], recipe["guidance_scale"],
-                                        args.per_digit, **kwargs)
+                                        args.per_digit, EVAL_SEED, **kwargs)
         rows[name].update(train_seconds=round(seconds, 1), train_steps=train_steps)
         print(name, json.dumps(rows[name]), flush=True)
     report = {"rows": rows, "floors": {"fid_teacher_vs_teacher": float(reference["teacher_floor"]),
                                        "fid_real_vs_real": float(reference["real_floor"])},
-              "generator_steps": args.generator_steps, "threads": torch.get_num_threads()}
+              "generator_steps": args.generator_steps, "cpu_cores": os.cpu_count(),
+              "total_seconds": round(time.perf_counter() - start, 1)}
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
-    lines = ["| model | steps | prompt accuracy | FID vs teacher 50-step | FID vs real | images/s | train s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, m in rows.items():
-        lines.append(f"| {name} | {m['steps']} | {m['prompt_accuracy']:.3f} | {m['fid_vs_teacher50']:.2f} | "
-                     f"{m['fid_vs_real']:.2f} | {m['images_per_s']:.0f} | {m.get('train_seconds', '')} |")
-    lines.append(f"| floors | | | {report['floors']['fid_teacher_vs_teacher']:.2f} | "
-                 f"{report['floors']['fid_real_vs_real']:.2f} | | |")
-    table = "\n".join(lines)
+    table = markdown_table(rows, reference, {"train steps": "train_steps", "train s": "train_seconds"})
+    (out / "benchmark.md").write_text(table + "\n")
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(
-            "# Benchmarks\n\n## Digits: one-step students of the shipped digits teacher\n\n"
-            f"`python eval/benchmark.py --out {args.out} --generator-steps {args.generator_steps} "
-            f"--markdown {args.markdown}` (CPU, {report['threads']} threads). Same teacher, student init (a copy "
-            f"of its UNet at t = 999), batch, seed and {args.generator_steps} generator updates per method; "
-            f"{10 * args.per_digit} samples per row, balanced over the digits; digits FID on the classifier's 64 "
-            "pre-activation features.\n\n" + table + "\n")
+        command = f"python eval/benchmark.py --out {args.out} --generator-steps {args.generator_steps} " \
+                  f"--per-digit {args.per_digit} --markdown {args.markdown}"
+        write_section(Path(args.markdown), (
+            "## Digits: one-step students of the shipped digits teacher\n\n"
+            f"`{command}` (CPU, {report['cpu_cores']} cores, {report['total_seconds'] / 60:.1f} min in all). Same "
+            "teacher, student init (a copy of its UNet at t = 999), batch 32, seed and "
+            f"{args.generator_steps} generator updates per method (each method's config is written to "
+            f"`{args.out}/configs/`); {10 * args.per_digit} samples per row from the same prompts and seeds, "
+            "balanced over the digits; digits FID on the classifier's 64 pre-activation features.\n\n" + table))
 
 
 if __name__ == "__main__":

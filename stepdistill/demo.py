@@ -31,14 +31,18 @@ def run_distillation(config: str | Path, overrides: list[str]):
     return cfg, result
 
 
-def markdown_table(metrics: dict, reference: dict) -> str:
-    lines = ["| model | steps | CFG | prompt accuracy | FID vs teacher 50-step | FID vs real test digits | images/s |",
-             "|---|---|---|---|---|---|---|"]
+def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str] | None = None) -> str:
+    """The digits metrics table of the demo and the benchmark; `extra_columns` maps a header to a metrics key."""
+    extra = extra_columns or {}
+    lines = ["| model | steps | CFG | prompt accuracy | FID vs teacher 50-step | FID vs real test digits | images/s |"
+             + "".join(f" {header} |" for header in extra),
+             "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for name, m in metrics.items():
         lines.append(f"| {name} | {m['steps']} | {m['guidance_scale']:g} | {m['prompt_accuracy']:.3f} | "
-                     f"{m['fid_vs_teacher50']:.2f} | {m['fid_vs_real']:.2f} | {m['images_per_s']:.1f} |")
+                     f"{m['fid_vs_teacher50']:.2f} | {m['fid_vs_real']:.2f} | {m['images_per_s']:.1f} |"
+                     + "".join(f" {m.get(key, '')} |" for key in extra.values()))
     lines.append(f"| floors | | | | {float(reference['teacher_floor']):.2f} (teacher vs teacher, other seeds) | "
-                 f"{float(reference['real_floor']):.2f} (real train vs real test) | |")
+                 f"{float(reference['real_floor']):.2f} (real train vs real test) | |" + " |" * len(extra))
     return "\n".join(lines)
 
 

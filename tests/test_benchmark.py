@@ -1,0 +1,48 @@
+"""eval/benchmark.py's pieces that need no training: every method's config is valid, and the digits section of
+BENCHMARKS.md is replaced without touching the rest of the file."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from stepdistill.config import load_config
+from stepdistill.demo import asset_overrides, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("digits_benchmark", ROOT / "eval" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_method_config_loads_with_its_own_objective(bench, tmp_path):
+    names = set()
+    for method in bench.METHODS:
+        cfg = load_config(bench.method_config(method, tmp_path, tmp_path / "real.safetensors"), asset_overrides())
+        names.add(cfg.objective.name)
+        assert cfg.student.timesteps == [999] and cfg.train.batch_size == 32  # the shared budget
+    gan = load_config(bench.method_config("DMD2 + GAN on real digits", tmp_path, tmp_path / "real.safetensors"))
+    assert gan.objective.real_data == str(tmp_path / "real.safetensors")
+    assert names == {"regression", "consistency", "dmd2"}
+
+
+def test_section_is_replaced_and_the_rest_kept(bench, tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\n## Speed\nGPU table\n")
+    bench.write_section(markdown, "## Digits\nfirst")
+    bench.write_section(markdown, "## Digits\nsecond")
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\n## Speed\nGPU table\n") and "second" in text and "first" not in text
+    assert text.count(bench.SECTION_START) == 1
+
+
+def test_table_extra_columns_line_up():
+    row = {"steps": 1, "guidance_scale": 0.0, "prompt_accuracy": 0.9, "fid_vs_teacher50": 10.0, "fid_vs_real": 20.0,
+           "images_per_s": 100.0, "train_seconds": 12.5}
+    table = markdown_table({"student": row}, {"teacher_floor": 4.0, "real_floor": 12.0}, {"train s": "train_seconds"})
+    lines = table.splitlines()
+    assert {line.count("|") for line in lines} == {9} and lines[2].endswith("| 12.5 |")
