@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -170,6 +172,72 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str]) -
         backbone.add_adapter(config)
         return backbone
     return inject_adapter_in_model(config, backbone)
+
+
+def lora_targets(backbone: nn.Module) -> list[str]:
+    """Default LoRA targets of a backbone: the diffusers recipe's for UNets and transformers, every Linear layer
+    of the analytic benches' MLP (whose layer names the recipe's do not match)."""
+    from stepdistill.mlp import TimeCondMLP
+
+    if isinstance(backbone, TimeCondMLP):
+        return [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    return list(UNET_LORA_TARGETS)
+
+
+def adapter_layers(net: nn.Module) -> list[nn.Module]:
+    """The peft adapter layers (LoRA-wrapped Linear / Conv modules) of `net`, a DDP wrapper looked through."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in getattr(net, "module", net).modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapters_to_fp32(net: nn.Module) -> nn.Module:
+    """Adapter weights in fp32 (peft creates them in the base layer's dtype, bf16 on a bf16 teacher)."""
+    for layer in adapter_layers(net):
+        for name in layer.adapter_layer_names:
+            getattr(layer, name).float()
+    return net
+
+
+@contextmanager
+def adapters_off(net: nn.Module) -> Iterator[nn.Module]:
+    """`net` computing with its base weights only: peft's `enable_adapters(False)` on every adapter layer, then each
+    layer's previous state and each parameter's requires_grad flag restored (peft's `enable_adapters(True)` would
+    mark every adapter trainable, even inside a `frozen(...)` block)."""
+    layers = adapter_layers(net)
+    if not layers:
+        raise ValueError(f"{type(net).__name__} has no peft adapters to switch off")
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    enabled = [not layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield net
+    finally:
+        for layer, on in zip(layers, enabled):
+            layer.enable_adapters(on)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class BaseNetwork(nn.Module):
+    """The base of a network with peft adapters, as a module of its own: every call runs with the adapters off.
+    It holds `net` itself, not a copy, so the base weights exist once."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        if not adapter_layers(net):
+            raise ValueError(f"{type(net).__name__} has no peft adapters: BaseNetwork would be the network itself")
+        self.net = net
+
+    @property
+    def config(self):
+        """The diffusers config of the network (teachers read sample_size, in_channels from it)."""
+        return self.net.config
+
+    def forward(self, *args, **kwargs):
+        with adapters_off(self.net):
+            return self.net(*args, **kwargs)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

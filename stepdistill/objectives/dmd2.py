@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
-from stepdistill.students import UNET_LORA_TARGETS, add_lora
+from stepdistill.students import BaseNetwork, adapters_to_fp32, add_lora, lora_targets
 from stepdistill.teachers.base import Cond, Teacher
 
 
@@ -41,6 +41,7 @@ class DMD2Config(ObjectiveConfig):
     gan_max_step: float = 1.0  # real and fake are noised with t ~ U[0, gan_max_step * T) (diffusion GAN)
     backward_simulation: bool = True  # DMD2 §4.4, multi-step students only
     critic_lora_rank: int = 0  # 0: the fake score is a full trainable copy; > 0: a LoRA on a frozen copy
+    critic_shared_base: bool = False  # the critic's LoRA in the teacher's own backbone: no frozen copy (needs rank > 0)
     regression_weight: float = 0.0  # optional DMD v1 L_reg on cached teacher pairs (0: off)
     num_pairs: int = 10000
     teacher_steps: int = 50
@@ -94,11 +95,25 @@ class Critic(nn.Module):
         self._teacher = [teacher]
         self.fake_score = fake_score
         self._features: list[Tensor] = []
+        self._recording = False  # only the critic's own calls: a shared base also runs the teacher's
         bottleneck_module(fake_score).register_forward_hook(self._capture)
         self.head = self._build_head() if with_head else None
 
     def _capture(self, module: nn.Module, inputs: tuple, output) -> None:
-        self._features.append(output[0] if isinstance(output, tuple) else output)
+        if self._recording:
+            self._features.append(output[0] if isinstance(output, tuple) else output)
+
+    def _run(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(raw fake-score output, bottleneck features)."""
+        self._features.clear()
+        self._recording = True
+        try:
+            out = self._teacher[0].call(self.fake_score, x_t, t, fields)
+        finally:
+            self._recording = False
+        features = self._features.pop() if self._features else None
+        self._features.clear()
+        return out, features
 
     @torch.no_grad()
     def _build_head(self) -> nn.Module:
@@ -106,17 +121,13 @@ class Critic(nn.Module):
         device = next(self.fake_score.parameters()).device
         x = torch.zeros((1, *teacher.sample_shape), device=device)
         fields = teacher.encode(teacher_probe_condition(teacher)).to(device).fields
-        self._features.clear()
-        teacher.call(self.fake_score, x, torch.full((1,), 500.0, device=device), fields)
-        return classifier_head(tuple(self._features.pop().shape[1:])).to(device)
+        _, features = self._run(x, torch.full((1,), 500.0, device=device), fields)
+        return classifier_head(tuple(features.shape[1:])).to(device)
 
     def forward(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor], classify: bool = False
                 ) -> tuple[Tensor, Tensor | None]:
         """(raw fake-score output, GAN logit or None)."""
-        self._features.clear()
-        out = self._teacher[0].call(self.fake_score, x_t, t, fields)
-        features = self._features.pop() if self._features else None
-        self._features.clear()
+        out, features = self._run(x_t, t, fields)
         if not classify:
             return out, None
         if self.head is None:
@@ -126,6 +137,25 @@ class Critic(nn.Module):
 
 def teacher_probe_condition(teacher: Teacher) -> list:
     return [""] if getattr(teacher, "needs_prompts", False) else [0]
+
+
+def build_fake_score(teacher: Teacher, config: DMD2Config) -> nn.Module:
+    """The fake score mu_fake, initialized as the teacher: a trainable copy, a LoRA on a frozen copy, or
+    (critic_shared_base) a LoRA injected into the teacher's own backbone. In the shared case the teacher then
+    denoises through `BaseNetwork`, the same module with its adapters switched off for each call, so every teacher
+    evaluation (real score, regression pairs, samples) sees the base weights, while the critic calls it with the
+    adapters on; one set of frozen weights instead of two."""
+    rank = config.critic_lora_rank
+    if not config.critic_shared_base:
+        net = teacher.build_backbone()
+        return add_lora(net, rank, float(rank), lora_targets(net)) if rank > 0 else net
+    base = getattr(teacher, "backbone", None)
+    if not isinstance(base, nn.Module) or not hasattr(teacher, "share_backbone"):
+        raise ValueError(f"objective.critic_shared_base=true needs a teacher whose denoiser is a network "
+                         f"(teacher.backbone); {type(teacher).__name__} has none: set objective.critic_shared_base=false")
+    net = adapters_to_fp32(add_lora(base, rank, float(rank), lora_targets(base)))
+    teacher.share_backbone(BaseNetwork(net))
+    return net
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -175,12 +205,12 @@ class DMD2(Objective):
         super().__init__(teacher, generator, source, config)
         if config.critic_updates < 1:
             raise ValueError(f"objective.critic_updates must be >= 1, got {config.critic_updates}")
+        if config.critic_shared_base and config.critic_lora_rank <= 0:
+            raise ValueError("objective.critic_shared_base=true trains the critic as a LoRA on the teacher's own "
+                             f"backbone and needs objective.critic_lora_rank > 0 (got {config.critic_lora_rank}): "
+                             "set e.g. objective.critic_lora_rank=64, or objective.critic_shared_base=false")
         self.real = RealSamples(config.real_data, teacher) if config.real_data else None
-        fake_score = teacher.build_backbone()
-        if config.critic_lora_rank > 0:
-            fake_score = add_lora(fake_score, config.critic_lora_rank, float(config.critic_lora_rank),
-                                  UNET_LORA_TARGETS)
-        self.critic = Critic(teacher, fake_score, with_head=self.real is not None)
+        self.critic = Critic(teacher, build_fake_score(teacher, config), with_head=self.real is not None)
         self._pair_dir: Path | None = None
         self._pairs: PairDataset | None = None
 
