@@ -30,7 +30,6 @@ from stepdistill.metrics.distribution import evaluate_generator
 from stepdistill.objectives.consistency import (
     Consistency,
     SegmentGenerator,
-    adapters_disabled,
     guidance_embedding,
     lcm_timesteps,
     segment_boundaries,
@@ -38,7 +37,7 @@ from stepdistill.objectives.consistency import (
 )
 from stepdistill.schedules import NoiseSchedule, _bcast
 from stepdistill.stages import STAGE_WEIGHTS, run_stages
-from stepdistill.students import Generator, add_lora
+from stepdistill.students import Generator, adapters_off, add_lora
 from stepdistill.training import Trainer, build_objective
 
 CONFIG = Path(__file__).parents[1] / "configs" / "consistency_gmm.yaml"
@@ -166,7 +165,7 @@ def test_lora_base_with_adapters_disabled_is_the_base(tmp_path):
                 p.normal_()
     x, t = torch.randn(8, 2), torch.full((8,), 500)
     assert not torch.allclose(lora(x, t), base(x, t))
-    with adapters_disabled(lora) as net:
+    with adapters_off(lora) as net:
         torch.testing.assert_close(net(x, t), base(x, t))
     assert not torch.allclose(lora(x, t), base(x, t))
     assert all(p.requires_grad == ("lora_" in n) for n, p in lora.named_parameters())

@@ -10,15 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler, LCMScheduler,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.export import export_student, load_mlp_student
-from stepdistill.objectives.consistency import AdaptersOff, guidance_embedding
+from stepdistill.objectives.consistency import guidance_embedding
 from stepdistill.pipelines import RECIPE_FILE, load_exported
-from stepdistill.students import Generator, SegmentGenerator
+from stepdistill.students import BaseNetwork, Generator, SegmentGenerator
 from stepdistill.teachers.tiny import save_tiny_pipeline
 from stepdistill.training import Trainer, build_objective
 
@@ -116,7 +122,7 @@ def test_lora_student_teacher_is_its_base_with_adapters_disabled(tiny, tmp_path)
     cfg = load_config(ROOT / "configs/lcm_lora_sdxl.yaml", overrides(tiny["sdxl"], tmp_path))
     objective = build_objective(cfg, "cpu")
     teacher, student = objective.teacher, objective.generator.backbone
-    assert isinstance(teacher.backbone, AdaptersOff) and teacher.backbone.net is student
+    assert isinstance(teacher.backbone, BaseNetwork) and teacher.backbone.net is student
     assert teacher.pipe.unet is teacher.backbone  # the teacher's own UNet copy is gone: one backbone in memory
     unets = {id(m) for c in teacher.pipe.components.values() if isinstance(c, torch.nn.Module)
              for m in c.modules() if type(m).__name__ == "UNet2DConditionModel"}

@@ -15,10 +15,8 @@ Progressive segment schedules (MLCM, Hyper-SD 8 -> 4 -> 2 -> 1) are `stages`, ru
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +25,15 @@ from torch.utils.data import Dataset
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 from stepdistill.schedules import NoiseSchedule, _bcast
-from stepdistill.students import Generator, SegmentGenerator, frozen_copy, guidance_embedding, public_config
+from stepdistill.students import (
+    BaseNetwork,
+    Generator,
+    SegmentGenerator,
+    adapter_layers,
+    frozen_copy,
+    guidance_embedding,
+    public_config,
+)
 from stepdistill.teachers.base import Cond, Teacher
 
 
@@ -100,37 +106,6 @@ def unwrap(net: nn.Module) -> nn.Module:
     return getattr(net, "module", net)
 
 
-@contextmanager
-def adapters_disabled(net: nn.Module) -> Iterator[nn.Module]:
-    """The base network of a peft LoRA model (adapters off), restoring the adapters afterwards."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in unwrap(net).modules() if isinstance(m, BaseTunerLayer)]
-    if not layers:
-        raise ValueError("teacher_net=lora_base needs a LoRA student (student.kind: lora)")
-    active = layers[0].active_adapters
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield net
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
-            m.set_adapter(active)
-
-
-class AdaptersOff(nn.Module):
-    """The base network of a peft LoRA model as a module of its own: every call runs with adapters disabled."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, *args, **kwargs):
-        with adapters_disabled(self.net):
-            return self.net(*args, **kwargs)
-
-
 def with_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
     """A diffusers UNet with `time_cond_proj_dim = dim`; a new `cond_proj` is randomly initialised and every
     other weight copied (diffusers LCM script: `from_config(..., time_cond_proj_dim=256)`, strict=False)."""
@@ -181,9 +156,9 @@ class Consistency(Objective):
         self.generator = cls(generator.backbone, teacher, timesteps, generator.prediction_type, guidance_w)
         self._base: list[nn.Module] = []  # teacher_net=lora_base: the student's base (a plain list: no submodule)
         if config.teacher_net == "lora_base":
-            with adapters_disabled(self.generator.backbone):
-                pass  # fails early when the student has no adapters
-            self._base.append(AdaptersOff(self.generator.backbone))
+            if not adapter_layers(self.generator.backbone):
+                raise ValueError("objective.teacher_net=lora_base needs a LoRA student (student.kind: lora)")
+            self._base.append(BaseNetwork(self.generator.backbone))
             if hasattr(teacher, "share_backbone"):  # one backbone in memory: the teacher's own copy is dropped
                 teacher.share_backbone(self._base[0])
         # the EMA target starts from the online weights (a stage load resets it); checkpointed by the trainer
