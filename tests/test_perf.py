@@ -154,3 +154,24 @@ def test_plan_recommends_8bit_adamw_where_it_makes_the_run_fit():
                                                                          "train.optimizer=adamw_8bit"]),
                       gpu_gib=80, model="tiny-sd", bitsandbytes=False)
     assert configured["estimates"][0]["optimizer"] == round(ckpt_8bit.optimizer / GiB, 3)
+
+
+def test_plan_offers_the_shared_base_critic_for_dmd2_and_it_drops_the_critic_copy():
+    from stepdistill.perf.memory import plan
+
+    cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), ["train.batch_size=2", "objective.critic_lora_rank=4"])
+    rows = {r["option"]: r for r in plan(cfg, gpu_gib=1e-6, model="tiny-sd", bitsandbytes=True)["estimates"]}
+    shared_row = rows["gradient checkpointing + shared-base LoRA critic"]
+    assert shared_row["set"] == ["train.gradient_checkpointing=true", "objective.critic_lora_rank=4",
+                                 "objective.critic_shared_base=true"]
+    shared_cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), [
+        "train.batch_size=2", "objective.critic_lora_rank=4", "objective.critic_shared_base=true"])
+    copy_objective = build_meta_objective(cfg, "tiny-sd")
+    copy = estimate(copy_objective, 2, gradient_checkpointing=True)
+    shared = estimate(build_meta_objective(shared_cfg, "tiny-sd"), 2, gradient_checkpointing=True)
+    critic_base = storage_bytes(p for n, p in copy_objective.critic.fake_score.named_parameters() if "lora_" not in n)
+    assert critic_base > 0 and shared.weights == pytest.approx(copy.weights - critic_base, rel=1e-3)
+    full_critic = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), ["train.batch_size=2"])
+    rung = {r["option"]: r for r in plan(full_critic, gpu_gib=1e-6, model="tiny-sd")["estimates"]}
+    assert "objective.critic_lora_rank=64" in rung["gradient checkpointing + shared-base LoRA critic"]["set"]
+    assert not any("shared-base" in r["option"] for r in plan(shared_cfg, gpu_gib=1e-6, model="tiny-sd")["estimates"])

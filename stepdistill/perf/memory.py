@@ -195,6 +195,7 @@ def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16
 
 
 ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl"}
+SHARED_CRITIC_RANK = 64  # when the config has no critic rank: the LoRA rank of the MSD and SNOOPI recipes
 
 
 def build_meta_objective(cfg: Config, model: str | None = None) -> Objective:
@@ -221,8 +222,9 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
          max_shards: int = 8) -> dict:
     """Estimates for the config as written (its train.optimizer's state bytes included), then the first option
     set (in order of cost to speed or quality) that fits `gpu_gib`: gradient checkpointing, 8-bit AdamW
-    (train.optimizer=adamw_8bit, suggested with an install hint where bitsandbytes is missing), a LoRA
-    generator, FSDP over 2..max_shards GPUs. Each row lists the config keys to `set`."""
+    (train.optimizer=adamw_8bit, suggested with an install hint where bitsandbytes is missing), for DMD2 a LoRA
+    critic sharing the teacher's backbone, a LoRA generator, FSDP over 2..max_shards GPUs. Each row lists the
+    config keys to `set`."""
     if bitsandbytes is None:
         try:
             import bitsandbytes  # noqa: F401
@@ -243,6 +245,12 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
         needs = "" if bitsandbytes else " (needs pip install bitsandbytes)"
         candidates.append((f"gradient checkpointing + 8-bit AdamW{needs}", cfg, {**ckpt, "optimizer": "adamw_8bit"},
                            set_ckpt + ["train.optimizer=adamw_8bit"]))
+    if cfg.objective.name == "dmd2" and not cfg.objective.critic_shared_base:
+        shared = copy.deepcopy(cfg)  # the critic as a LoRA in the teacher's own backbone: no second full UNet
+        shared.objective.critic_lora_rank = shared.objective.critic_lora_rank or SHARED_CRITIC_RANK
+        shared.objective.critic_shared_base = True
+        candidates.append(("gradient checkpointing + shared-base LoRA critic", shared, ckpt, set_ckpt + [
+            f"objective.critic_lora_rank={shared.objective.critic_lora_rank}", "objective.critic_shared_base=true"]))
     if cfg.student.kind != "lora":
         lora = copy.deepcopy(cfg)
         lora.student.kind = "lora"
