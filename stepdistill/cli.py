@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="teacher pipeline folder (default: the shipped asset)")
     p.add_argument("--classifier-out", default=None, help="digit classifier folder (default: the shipped asset)")
     p.add_argument("--vae-steps", type=int, default=200)
-    p.add_argument("--unet-steps", type=int, default=1200)
+    p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--eval-per-digit", type=int, default=20, help="teacher samples per digit for its accuracy")
     p.add_argument("--reference-per-digit", type=int, default=50, help="50-step samples per digit, FID reference")
-    p.add_argument("--init-from", default=None, help="continue training the UNet of this digits teacher folder")
     p = sub.add_parser("demo", help="the offline default job (no download): DMD2 on the shipped digits teacher")
     p.add_argument("--eval-per-digit", type=int, default=50, help="evaluation samples per digit")
     p.add_argument("overrides", nargs="*")
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = digits.build_digits_teacher(
                 args.out or digits.TEACHER_DIR, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                 classifier_dir=args.classifier_out or digits.CLASSIFIER_DIR, device=args.device,
-                eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit,
-                init_from=args.init_from)
+                eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit)
         elif args.command == "demo":
             from stepdistill.demo import run_demo
 
