@@ -5,6 +5,7 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -27,6 +28,9 @@ class StudentConfig:
     lora_rank: int = 64
     lora_alpha: float = 64.0
     lora_targets: list[str] = field(default_factory=lambda: list(UNET_LORA_TARGETS))
+    # weights to start from instead of the teacher's: an exported student folder (final/), a diffusers model folder
+    # or a .safetensors file of this backbone, e.g. a no-GAN DMD2 export for the GAN stage (DMD2 SD1.5 recipe)
+    init: str = ""
 
     CHOICES = {"kind": ("copy", "smaller", "lora"),
                "prediction_type": (None, "epsilon", "v_prediction", "sample", "flow")}
@@ -130,7 +134,41 @@ def build_student(teacher: Teacher, cfg: StudentConfig) -> Generator:
         backbone = add_lora(teacher.build_backbone(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     else:
         raise ValueError(f"student.kind {cfg.kind!r} is not one of {StudentConfig.CHOICES['kind']}")
+    if cfg.init:
+        if cfg.kind == "lora":
+            raise ValueError("student.init loads full backbone weights; it does not apply to student.kind=lora "
+                             "(set student.kind=copy, or leave student.init empty)")
+        load_init_weights(backbone, cfg.init)
     return Generator(backbone, teacher, cfg.timesteps, cfg.prediction_type)
+
+
+INIT_WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors",
+                     "diffusion_pytorch_model.safetensors", "generator.safetensors")
+
+
+def load_init_weights(backbone: nn.Module, path: str) -> None:
+    """Load student.init into `backbone`; every key must match (a different architecture is refused)."""
+    from stepdistill.safeload import load_weights
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"student.init: {p} does not exist (an exported student folder, a diffusers model "
+                                "folder or a weights file)")
+    if p.is_dir():
+        found = [p / name for name in INIT_WEIGHT_FILES if (p / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"student.init: {p} holds none of {list(INIT_WEIGHT_FILES)}: point it at an "
+                                    "exported student folder (final/), a diffusers model folder or a weights file")
+        p = found[0]
+    state = load_weights(p)
+    expected = backbone.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(f"student.init: {p} does not fit the student's {type(backbone).__name__} "
+                         f"({len(missing)} missing keys, {len(unexpected)} unexpected, {len(reshaped)} of another "
+                         f"shape, e.g. {(missing + unexpected + reshaped)[:2]}): use weights of the same architecture")
+    backbone.load_state_dict(state)
 
 
 def build_smaller_backbone(template: nn.Module, overrides: dict) -> nn.Module:
