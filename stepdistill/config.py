@@ -44,6 +44,9 @@ class TeacherConfig:
     backbone_hidden: int = 256
     backbone_depth: int = 4
     trust_remote_code: bool = False  # allow a pipeline folder whose components need custom Python code
+    # frozen backbone's weights in CPU memory, streamed to the accelerator per forward (accelerate's cpu_offload);
+    # only for a separate teacher copy (not DMD2's critic_shared_base or consistency's teacher_net=lora_base)
+    offload: bool = False
 
     CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "auto"), "dtype": ("auto", "fp32", "bf16", "fp16"),
                "schedule": ("vp", "flow")}
@@ -89,9 +92,11 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw_fused (torch's fused kernel) | adamw_8bit (bitsandbytes, 1/4 the state)
     compile: bool = False  # torch.compile the trainable backbones and the teacher's backbone, in place
     channels_last: bool = False  # backbones' conv weights in channels_last memory format (no effect on MLPs)
+    attention: str = "sdpa"  # sdpa (diffusers' AttnProcessor2_0) | xformers (pip install -e ".[xformers]")
 
     CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "report_to": ("tensorboard", "wandb", "none"),
                "nonfinite": ("stop", "skip"), "optimizer": ("adamw", "adamw_fused", "adamw_8bit"),
+               "attention": ("sdpa", "xformers"),
                "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine")}
     RANGES = {"max_steps": ">=1", "batch_size": ">=1", "lr_warmup_steps": ">=0", "ema_decay": "[0,1)",
               "checkpoint_every": ">=0", "checkpoints_limit": ">=1", "log_every": ">=1", "validate_every": ">=0",

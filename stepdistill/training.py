@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -32,7 +32,7 @@ from stepdistill.objectives import REGISTRY, Objective
 from stepdistill.objectives.base import get_module, set_module
 from stepdistill.safeload import refuse_pickle
 from stepdistill.students import build_student
-from stepdistill.teachers import load_teacher
+from stepdistill.teachers import Teacher, load_teacher
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
@@ -172,6 +172,79 @@ def check_fused_adamw(device: torch.device) -> None:
                           f"{device.type} ({str(e).splitlines()[0]}); set train.optimizer=adamw") from e
 
 
+def check_attention(name: str) -> None:
+    """train.attention=xformers needs the xformers package; checked before the teacher loads."""
+    if name != "xformers":
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("train.attention=xformers needs xformers, which is not installed: "
+                          'pip install -e ".[xformers]", or set train.attention=sdpa (the default)') from e
+
+
+def diffusers_models(modules: list[nn.Module]) -> list[nn.Module]:
+    """The outermost diffusers models in `modules` (a DMD2 critic holds its UNet), once each: the modules that have
+    `enable_xformers_memory_efficient_attention`, which itself recurses into nested ones (a UNet's transformers)."""
+    found: dict[int, nn.Module] = {}
+    stack = list(modules)
+    while stack:
+        module = stack.pop()
+        if hasattr(module, "enable_xformers_memory_efficient_attention"):
+            found[id(module)] = module
+        else:
+            stack.extend(module.children())
+    return list(found.values())
+
+
+OFFLOAD_REFUSALS = {  # (config key, value) -> (why teacher.offload cannot work with it, the other fix)
+    ("objective.critic_shared_base", True): ("the teacher's backbone is then the trainable critic's base",
+                                             "objective.critic_shared_base=false (a separate frozen teacher)"),
+    ("objective.teacher_net", "lora_base"): ("the teacher is then the trainable LoRA student's base",
+                                             "objective.teacher_net=teacher (a separate frozen teacher)"),
+    ("train.compile", True): ("the offload hooks swap weights in at every forward (torch.compile graph-breaks)",
+                              "train.compile=false"),
+    ("teacher.kind", "gmm"): ("the analytic teacher has no network weights to offload", None),
+}
+
+
+def check_teacher_offload(cfg: Config) -> None:
+    """Refuse teacher.offload where the teacher's backbone is not a separate frozen network (before it loads)."""
+    if not cfg.teacher.offload:
+        return
+    sections = {"objective": cfg.objective, "train": cfg.train, "teacher": cfg.teacher}
+    for (key, value), (why, fix) in OFFLOAD_REFUSALS.items():
+        section, name = key.split(".")
+        if getattr(sections[section], name, None) == value:
+            fixes = f"{fix} or teacher.offload=false" if fix else "teacher.offload=false"
+            raise ConfigError(f"teacher.offload=true does not work with {key}={str(value).lower()}: {why}. "
+                              f"Set {fixes}")
+
+
+def offload_teacher(teacher: Teacher, device: torch.device) -> nn.Module:
+    """teacher.offload: the frozen backbone's weights move to CPU memory, and accelerate's cpu_offload hooks copy
+    each submodule's weights to `device` for its own forward only (outputs return to the input's device)."""
+    from accelerate import cpu_offload
+
+    backbone = getattr(teacher, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ConfigError(f"teacher.offload=true: the {type(teacher).__name__} teacher has no network backbone to "
+                          "offload; set teacher.offload=false")
+    if any(p.requires_grad for p in backbone.parameters()):  # shared with a trained network: must stay resident
+        raise ConfigError("teacher.offload=true: the teacher's backbone has trainable parameters (it is shared with a "
+                          "trained network); set teacher.offload=false")
+    return cpu_offload(backbone, execution_device=device)
+
+
+def check_distributed(distributed_type: DistributedType, groups: list[str]) -> None:
+    """accelerate's DeepSpeed integration prepares one model/optimizer pair per engine (several need several
+    DeepSpeed plugins): refuse objectives with more than one optimizer group before accelerate.prepare."""
+    if distributed_type == DistributedType.DEEPSPEED and len(groups) > 1:
+        raise ConfigError(f"DeepSpeed (accelerate distributed_type DEEPSPEED) prepares one model and optimizer, but "
+                          f"this objective trains {len(groups)} optimizer groups ({', '.join(groups)}): launch with "
+                          "configs/accelerate/fsdp.yaml instead (FSDP shards every group)")
+
+
 def build_objective(cfg: Config, device: torch.device | str) -> Objective:
     """Teacher, conditions, student and objective as the config describes them (prompts read before the
     teacher loads, so a bad prompt file fails fast)."""
@@ -207,7 +280,8 @@ class Trainer:
         acc = self.accelerator
         self.objective = objective or build_objective(cfg, acc.device)
         self._check_compatible()
-        self.objective.to(acc.device)
+        check_distributed(acc.distributed_type, [g.name for g in self.objective.optimizer_groups()])
+        self.objective.to(acc.device)  # the teacher is no submodule: its backbone stays where it was loaded
         with acc.main_process_first():
             self.objective.prepare_data(str(self.output_dir), acc.device)
         if t.gradient_checkpointing:
@@ -216,6 +290,7 @@ class Trainer:
                 raise ValueError(f"train.gradient_checkpointing: {type(backbone).__name__} does not support it")
             backbone.enable_gradient_checkpointing()
         self._apply_speed_options()
+        self._offload_teacher()  # after pair caching, which runs the teacher resident (no trainer state exists yet)
         self._build_optimizers()
         self.ema = None
         if t.ema_decay > 0:
@@ -253,6 +328,8 @@ class Trainer:
     def _check_inputs(self) -> None:
         """Checks that need no model, run before the teacher loads: its source, the prompt file, the images."""
         check_teacher_source(self.cfg.teacher)
+        check_attention(self.cfg.train.attention)
+        check_teacher_offload(self.cfg)
         data = self.cfg.data
         if data.prompts_file:
             read_prompts(data.prompts_file)
@@ -294,14 +371,30 @@ class Trainer:
         return list({id(m): m for m in modules}.values())
 
     def _apply_speed_options(self) -> None:
-        """train.channels_last and train.compile, before accelerate.prepare. `Module.compile()` compiles in place,
-        so state-dict keys (checkpoints, EMA, export) stay those of the eager module (no `_orig_mod.` prefix)."""
+        """train.attention, train.channels_last and train.compile, before accelerate.prepare. `Module.compile()`
+        compiles in place, so state-dict keys (checkpoints, EMA, export) stay those of the eager module (no
+        `_orig_mod.` prefix). sdpa leaves diffusers' default processors (AttnProcessor2_0)."""
         t = self.cfg.train
+        if t.attention == "xformers":
+            models = diffusers_models(self.networks())
+            if not models:
+                self._warn("train.attention=xformers: no network of this run has diffusers attention; no change")
+            for model in models:
+                model.enable_xformers_memory_efficient_attention()
         for module in self.networks():
             if t.channels_last:
                 module.to(memory_format=torch.channels_last)  # 4-D (conv) weights only; others unchanged
             if t.compile:
                 module.compile()
+
+    def _offload_teacher(self) -> None:
+        """teacher.offload on an accelerator; on a CPU run the weights already are in CPU memory."""
+        if not self.cfg.teacher.offload:
+            return
+        if self.accelerator.device.type == "cpu":
+            self._warn("teacher.offload=true has no effect on a CPU run: the teacher's weights are in CPU memory")
+            return
+        offload_teacher(self.objective.teacher, self.accelerator.device)
 
     def _ema_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.objective.generator.backbone.parameters() if p.requires_grad]

@@ -175,3 +175,35 @@ def test_plan_offers_the_shared_base_critic_for_dmd2_and_it_drops_the_critic_cop
     rung = {r["option"]: r for r in plan(full_critic, gpu_gib=1e-6, model="tiny-sd")["estimates"]}
     assert "objective.critic_lora_rank=64" in rung["gradient checkpointing + shared-base LoRA critic"]["set"]
     assert not any("shared-base" in r["option"] for r in plan(shared_cfg, gpu_gib=1e-6, model="tiny-sd")["estimates"])
+
+
+def test_plan_teacher_offload_rung_drops_exactly_the_teacher_backbone():
+    from stepdistill.perf.memory import HEADROOM, GiB, plan
+
+    def cfg_of(path: str, *extra: str):
+        return load_config(str(ROOT / path), ["train.batch_size=2", "train.gradient_checkpointing=false", *extra])
+
+    cfg = cfg_of("configs/dmd2_sd15.yaml")
+    objective = build_meta_objective(cfg, "tiny-sd")
+    kept = estimate(objective, 2, gradient_checkpointing=True, optimizer="adamw_8bit")
+    offloaded = estimate(objective, 2, gradient_checkpointing=True, optimizer="adamw_8bit", teacher_offload=True)
+    teacher_bytes = storage_bytes(objective.teacher.backbone.parameters())
+    assert teacher_bytes > 0 and offloaded.weights == kept.weights - teacher_bytes
+    assert offloaded.by_module["teacher.backbone"] == 0
+    for key in ("grads", "optimizer", "activations"):
+        assert getattr(offloaded, key) == getattr(kept, key)
+    gpu_gib = (kept.total + offloaded.total) / 2 / HEADROOM / GiB  # fits with the teacher offloaded, not without
+    result = plan(cfg, gpu_gib=gpu_gib, model="tiny-sd", bitsandbytes=True)
+    assert result["recommendation"] == "gradient checkpointing + 8-bit AdamW + teacher offload"
+    row = result["estimates"][-1]
+    assert row["set"] == ["train.gradient_checkpointing=true", "train.optimizer=adamw_8bit", "teacher.offload=true"]
+    assert row["options"]["teacher_offload"] and row["by_module"]["teacher.backbone"] == 0
+    configured = plan(cfg_of("configs/dmd2_sd15.yaml", "teacher.offload=true"), gpu_gib=80, model="tiny-sd")
+    assert configured["estimates"][0]["by_module"]["teacher.backbone"] == 0  # "as configured" counts it
+
+    shared = [cfg_of("configs/dmd2_sd15.yaml", "objective.critic_lora_rank=4", "objective.critic_shared_base=true"),
+              cfg_of("configs/lcm_lora_sdxl.yaml")]  # teacher_net: lora_base
+    for c in shared:  # the teacher's backbone is a trained network's base: no rung, and the estimate refuses it
+        assert not any("offload" in r["option"] for r in plan(c, gpu_gib=1e-6, model="tiny-sd")["estimates"])
+        with pytest.raises(ValueError, match="shared with a trained network"):
+            estimate(build_meta_objective(c, "tiny-sd"), 2, teacher_offload=True)

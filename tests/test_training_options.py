@@ -1,5 +1,6 @@
-"""Speed and memory options of the trainer (issue 7): train.optimizer, train.channels_last, train.compile.
-Each test compares against the default trainer on the same seed, so a silently ignored option fails it."""
+"""Speed and memory options of the trainer (issue 7): train.optimizer, train.channels_last, train.compile,
+train.attention, teacher.offload and the DeepSpeed guard. Each test compares against the default trainer on the
+same seed, or asserts the refusal happens before any work, so a silently ignored option fails it."""
 from __future__ import annotations
 
 import sys
@@ -11,10 +12,17 @@ import torch
 from reliability_utils import tiny_tree
 from safetensors import safe_open
 
+from stepdistill import training
 from stepdistill.config import ConfigError, config_from_dict, load_config
 from stepdistill.export import export_student
 from stepdistill.teachers.tiny import save_tiny_pipeline
-from stepdistill.training import Trainer, check_fused_adamw
+from stepdistill.training import (
+    Trainer,
+    build_objective,
+    check_distributed,
+    check_fused_adamw,
+    offload_teacher,
+)
 
 
 def gmm_trainer(out: Path, **train) -> Trainer:
@@ -162,3 +170,173 @@ def test_channels_last_converts_backbones_and_keeps_the_loss(tiny_sd, tmp_path):
             t._seed_step()
             losses[name] = t.objective.loss(phase, batch, 0)["loss"].detach()
         torch.testing.assert_close(losses["fast"], losses["plain"], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def no_teacher_load(monkeypatch) -> None:
+    """Makes loading a teacher (building the objective) fail the test: refusals must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the refusal")
+
+    monkeypatch.setattr(training, "build_objective", refuse)
+
+
+def test_attention_choices_and_missing_xformers_fails_before_the_teacher_loads(tiny_sd, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"train.attention: 'flash' is not one of \['sdpa', 'xformers'\]"):
+        load_config(None, ["train.attention=flash"])
+    assert load_config(None, []).train.attention == "sdpa"
+    monkeypatch.setitem(sys.modules, "xformers", None)  # import fails, as where it is not installed
+    no_teacher_load(monkeypatch)
+    with pytest.raises(ConfigError, match=r'train.attention=xformers needs xformers.*pip install -e "\.\[xformers\]"'
+                                          r".*train.attention=sdpa"):
+        dmd2_sd_trainer(tiny_sd, tmp_path / "run", "train.attention=xformers")
+
+
+def test_xformers_switches_generator_critic_and_teacher_and_sdpa_keeps_attnprocessor2_0(tiny_sd, tmp_path,
+                                                                                        monkeypatch):
+    from diffusers import ModelMixin
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    plain = dmd2_sd_trainer(tiny_sd, tmp_path / "plain")
+    switched: list[torch.nn.Module] = []
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))  # importable stand-in
+    # diffusers' real method needs CUDA and the xformers kernels: record the calls instead
+    monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention", lambda self: switched.append(self))
+    fast = dmd2_sd_trainer(tiny_sd, tmp_path / "fast", "train.attention=xformers")
+
+    def networks(trainer: Trainer) -> list[torch.nn.Module]:
+        o = trainer.objective
+        return [o.generator.backbone, o.critic.fake_score, o.teacher.backbone]
+
+    assert sorted(map(id, switched)) == sorted(map(id, networks(fast)))  # each network once, nothing else
+    processors = [p for net in networks(plain) for p in net.attn_processors.values()]
+    assert processors and all(type(p) is AttnProcessor2_0 for p in processors)  # sdpa: diffusers' default
+
+
+# ---------------------------------------------------------------------------------------------- teacher.offload
+@pytest.mark.parametrize("extra, key", [
+    (["objective.critic_lora_rank=4", "objective.critic_shared_base=true"], "objective.critic_shared_base=true"),
+    (["train.compile=true"], "train.compile=true"),
+])
+def test_teacher_offload_refusals_before_the_teacher_loads(tiny_sd, tmp_path, monkeypatch, extra, key):
+    no_teacher_load(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"teacher.offload=true does not work with {key}: .*"
+                                          r"or teacher.offload=false"):
+        dmd2_sd_trainer(tiny_sd, tmp_path, "teacher.offload=true", *extra)
+
+
+def test_teacher_offload_refuses_lora_base_and_gmm(tiny_sd, tmp_path, monkeypatch):
+    no_teacher_load(monkeypatch)
+    lcm = load_config(str(Path(__file__).resolve().parents[1] / "configs/lcm_sd15.yaml"), [
+        "teacher.kind=auto", f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'lcm'}", "student.kind=lora",
+        "objective.teacher_net=lora_base", "teacher.offload=true", "train.report_to=none"])
+    with pytest.raises(ConfigError, match="objective.teacher_net=lora_base: .*LoRA student's base. Set "
+                                          "objective.teacher_net=teacher .* or teacher.offload=false"):
+        Trainer(lcm)
+    gmm = config_from_dict(tiny_tree(tmp_path / "gmm"))
+    gmm.teacher.offload = True
+    with pytest.raises(ConfigError, match="teacher.kind=gmm: the analytic teacher has no network weights"):
+        Trainer(gmm)
+
+
+def test_offload_teacher_refuses_a_backbone_shared_with_a_trained_network(tiny_sd):
+    """The structural guard behind the config check: DMD2's shared base holds the critic's trainable LoRA."""
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/dmd2_sd15.yaml"), [
+        "teacher.kind=auto", f"teacher.path={tiny_sd}", "objective.real_data=''", "objective.critic_lora_rank=4",
+        "objective.critic_shared_base=true"])
+    objective = build_objective(cfg, "cpu")
+    with pytest.raises(ConfigError, match="teacher's backbone has trainable parameters"):
+        offload_teacher(objective.teacher, torch.device("cpu"))
+    assert not hasattr(objective.teacher.backbone, "_hf_hook")
+
+
+def offload_weights(backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The CPU state dict accelerate's hooks stream weights from."""
+    maps = {id(m._hf_hook.weights_map.dataset): m._hf_hook.weights_map.dataset for m in backbone.modules()
+            if getattr(getattr(m, "_hf_hook", None), "weights_map", None) is not None}
+    assert len(maps) == 1
+    return next(iter(maps.values()))
+
+
+def test_teacher_offload_streams_cpu_weights_and_predicts_bitwise(tiny_sd, tmp_path, caplog):
+    """On a CPU run the trainer leaves the teacher alone and warns; offload_teacher itself (the accelerator path,
+    executed here on the CPU) hooks the backbone, keeps its weights in a CPU map that objective.to(device) does not
+    move, and the teacher's predictions and DMD2's generator loss stay bitwise equal."""
+    with caplog.at_level("WARNING", logger="stepdistill.training"):
+        trainer = dmd2_sd_trainer(tiny_sd, tmp_path, "teacher.offload=true")
+    assert "teacher.offload=true has no effect on a CPU run" in caplog.text
+    teacher = trainer.objective.teacher
+    backbone = teacher.backbone
+    assert not hasattr(backbone, "_hf_hook") and all(p.device.type == "cpu" for p in backbone.parameters())
+    weights = {k: v.clone() for k, v in backbone.state_dict().items()}
+    x = torch.randn(2, *teacher.sample_shape)
+    t = torch.tensor([999.0, 400.0])
+    cond = teacher.encode(["a red circle", "a blue square"])
+    batch = next(trainer._batches())
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        trainer._seed_step()
+        return (teacher.predict(x, t, cond, guidance=1.75).x0,
+                trainer.objective.loss("generator", batch, 0)["loss"].detach())
+
+    before = outputs()
+    assert offload_teacher(teacher, torch.device("cpu")) is backbone and hasattr(backbone, "_hf_hook")
+    assert all(p.device.type == "meta" for p in backbone.parameters())  # no resident copy of the weights
+    after = outputs()
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    trainer.objective.to("meta")  # another device: the teacher is no submodule, its weights do not follow
+    streamed = offload_weights(backbone)
+    assert streamed.keys() == weights.keys()
+    assert all(v.device.type == "cpu" and torch.equal(v, weights[k]) for k, v in streamed.items())
+    assert torch.equal(teacher.predict(x, t, cond, guidance=1.75).x0, before[0])
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+def test_check_distributed_refuses_deepspeed_with_several_optimizer_groups():
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(ConfigError, match=r"DeepSpeed .* 2 optimizer groups \(generator, critic\).*"
+                                          r"configs/accelerate/fsdp.yaml"):
+        check_distributed(DistributedType.DEEPSPEED, ["generator", "critic"])
+    check_distributed(DistributedType.DEEPSPEED, ["generator"])  # one group: one engine
+    for other in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        check_distributed(other, ["generator", "critic"])
+
+
+def test_trainer_checks_deepspeed_groups_before_prepare(tmp_path, monkeypatch):
+    """Under a (simulated) DeepSpeed launch DMD2 stops before accelerate.prepare; a one-group objective reaches it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    class DeepSpeedAccelerator(Accelerator):
+        launched = False
+
+        @property
+        def distributed_type(self):
+            return DistributedType.DEEPSPEED if self.launched else self.state.distributed_type
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.launched = True
+
+        def prepare(self, *args, **kwargs):
+            raise AssertionError("accelerate.prepare reached")
+
+    monkeypatch.setattr(training, "Accelerator", DeepSpeedAccelerator)
+    dmd2 = load_config(str(Path(__file__).resolve().parents[1] / "configs/dmd2_gmm.yaml"),
+                       [f"train.output_dir={tmp_path / 'dmd2'}", "train.batch_size=8"])
+    with pytest.raises(ConfigError, match="optimizer groups .*configs/accelerate/fsdp.yaml"):
+        Trainer(dmd2)
+    with pytest.raises(AssertionError, match="accelerate.prepare reached"):
+        Trainer(config_from_dict(tiny_tree(tmp_path / "regression")))
+
+
+def test_deepspeed_zero2_accelerate_config_parses():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = Path(__file__).resolve().parents[1] / "configs/accelerate/deepspeed_zero2.yaml"
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type == DistributedType.DEEPSPEED and cfg.mixed_precision == "bf16"
+    assert cfg.num_machines == 1 and cfg.deepspeed_config["zero_stage"] == 2
+    assert "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml" in path.read_text()

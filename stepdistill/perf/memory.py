@@ -160,11 +160,16 @@ def _null() -> Iterator[None]:
 
 
 def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16",
-             gradient_checkpointing: bool = False, optimizer: str = "adamw", shards: int = 1) -> MemoryEstimate:
+             gradient_checkpointing: bool = False, optimizer: str = "adamw", shards: int = 1,
+             teacher_offload: bool = False) -> MemoryEstimate:
     """Memory of training `objective` at `batch_size` per GPU with `optimizer` (a train.optimizer choice). With
-    `shards` > 1 (FSDP full shard) trainable weights, gradients and optimizer states are divided among the GPUs."""
+    `shards` > 1 (FSDP full shard) trainable weights, gradients and optimizer states are divided among the GPUs.
+    With `teacher_offload` (teacher.offload) the teacher's backbone weights live in CPU memory: 0 bytes here (the
+    one submodule streamed in at a time is left out)."""
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"optimizer {optimizer!r} is not one of {sorted(OPTIMIZER_BYTES)}")
+    if teacher_offload and not separate_teacher(objective):
+        raise ValueError("teacher_offload: this objective's teacher backbone is shared with a trained network")
     modules = trainable_modules(objective)
     if gradient_checkpointing:
         for m in modules.values():
@@ -182,6 +187,8 @@ def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16
     own = storage_bytes(t for t in [*objective.parameters(), *objective.buffers()]
                         if t.untyped_storage()._cdata not in counted)
     by_module["objective (students, critics, targets)"] = own
+    if teacher_offload:
+        by_module["teacher.backbone"] = 0
     weights = sum(by_module.values())
     sharded = sum(4 * n for n in trainable.values()) * (1 - 1 / shards)
     activations = max(saved_activation_bytes(objective, name, batch_size, mixed_precision) for name in modules)
@@ -191,7 +198,21 @@ def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16
         by_module=by_module,
         options={"batch_size": batch_size, "mixed_precision": mixed_precision, "optimizer": optimizer,
                  "gradient_checkpointing": gradient_checkpointing, "fsdp_shards": shards,
-                 "trainable_params": trainable})
+                 "teacher_offload": teacher_offload, "trainable_params": trainable})
+
+
+def separate_teacher(objective: Objective) -> bool:
+    """Whether the teacher's backbone is a frozen module of its own (teacher.offload can move it to CPU), not
+    shared with a trained network (DMD2's critic_shared_base, consistency's teacher_net=lora_base)."""
+    backbone = objective.teacher.backbone
+    trained = {p.untyped_storage()._cdata for p in objective.parameters() if p.requires_grad}
+    return not any(p.requires_grad or p.untyped_storage()._cdata in trained for p in backbone.parameters())
+
+
+def shares_teacher(cfg: Config) -> bool:
+    """The config keys that make the teacher's backbone a trained network's base (teacher.offload refuses them)."""
+    return bool(getattr(cfg.objective, "critic_shared_base", False)) or \
+        getattr(cfg.objective, "teacher_net", "teacher") == "lora_base"
 
 
 ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl"}
@@ -222,9 +243,10 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
          max_shards: int = 8) -> dict:
     """Estimates for the config as written (its train.optimizer's state bytes included), then the first option
     set (in order of cost to speed or quality) that fits `gpu_gib`: gradient checkpointing, 8-bit AdamW
-    (train.optimizer=adamw_8bit, suggested with an install hint where bitsandbytes is missing), for DMD2 a LoRA
-    critic sharing the teacher's backbone, a LoRA generator, FSDP over 2..max_shards GPUs. Each row lists the
-    config keys to `set`."""
+    (train.optimizer=adamw_8bit, suggested with an install hint where bitsandbytes is missing), then on top of
+    that the teacher's backbone in CPU memory where it is a separate frozen copy (teacher.offload=true), for DMD2
+    a LoRA critic sharing the teacher's backbone, a LoRA generator, FSDP over 2..max_shards GPUs. Each row lists
+    the config keys to `set`."""
     if bitsandbytes is None:
         try:
             import bitsandbytes  # noqa: F401
@@ -234,18 +256,27 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
             bitsandbytes = False
     mp = "no" if cfg.train.mixed_precision == "no" else "bf16"
     t = cfg.train
-    base = {"gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer}
+    base = {"gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+            "teacher_offload": cfg.teacher.offload}
     ckpt = {**base, "gradient_checkpointing": True}
     set_ckpt = ["train.gradient_checkpointing=true"]
     candidates: list[tuple[str, Config, dict, list[str]]] = [  # (name, config, estimate options, keys to set)
         ("as configured", cfg, base, []),
         ("gradient checkpointing", cfg, ckpt, set_ckpt),
     ]
+    ladder = ("gradient checkpointing", "", ckpt, set_ckpt)  # (name, note, options, keys) the offload rung adds to
     if t.optimizer != "adamw_8bit":  # a quarter of AdamW's state bytes
         needs = "" if bitsandbytes else " (needs pip install bitsandbytes)"
-        candidates.append((f"gradient checkpointing + 8-bit AdamW{needs}", cfg, {**ckpt, "optimizer": "adamw_8bit"},
-                           set_ckpt + ["train.optimizer=adamw_8bit"]))
-    if cfg.objective.name == "dmd2" and not cfg.objective.critic_shared_base:
+        ladder = ("gradient checkpointing + 8-bit AdamW", needs, {**ckpt, "optimizer": "adamw_8bit"},
+                  set_ckpt + ["train.optimizer=adamw_8bit"])
+        candidates.append((ladder[0] + needs, cfg, ladder[2], ladder[3]))
+    if not cfg.teacher.offload and not shares_teacher(cfg):  # on top of the rung before: costs speed, not quality
+        offload = copy.deepcopy(cfg)
+        offload.teacher.offload = True
+        name, note, options, keys = ladder
+        candidates.append((f"{name} + teacher offload{note}", offload, {**options, "teacher_offload": True},
+                           keys + ["teacher.offload=true"]))
+    if cfg.objective.name == "dmd2" and not cfg.objective.critic_shared_base and not cfg.teacher.offload:
         shared = copy.deepcopy(cfg)  # the critic as a LoRA in the teacher's own backbone: no second full UNet
         shared.objective.critic_lora_rank = shared.objective.critic_lora_rank or SHARED_CRITIC_RANK
         shared.objective.critic_shared_base = True
