@@ -13,10 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
 from stepdistill.config import Config, build_dataclass, load_config
-from stepdistill.training import TrainResult, Trainer, build_objective
+from stepdistill.training import Trainer, TrainResult, build_objective
 
 STAGE_WEIGHTS = "student_weights.safetensors"
 
@@ -46,7 +47,7 @@ def run_stages(cfg: Config) -> list[TrainResult]:
         if weights.is_file() and not stage_cfg.train.overwrite:
             state = load_file(str(weights))
             continue
-        objective = build_objective(stage_cfg, "cpu")
+        objective = build_objective(stage_cfg, PartialState().device)  # the device the Trainer's accelerator uses
         if state is not None:
             objective.load_student_state(state)
         trainer = Trainer(stage_cfg, objective)
