@@ -1,4 +1,4 @@
-"""Command line: stepdistill demo | train | teacher | eval."""
+"""Command line: stepdistill demo | train | teacher | eval | plan | bench."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature", default="inception", choices=["inception", "digits"])
     p.add_argument("--inception-weights", default="", help="local Inception weights file (torchmetrics backend)")
     p.add_argument("--speed", action="store_true", help="also measure latency and throughput")
+    p = sub.add_parser("plan", help="per-GPU memory estimate of a config and the options that make it fit")
+    p.add_argument("--config", required=True)
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU, GiB")
+    p.add_argument("--model", default=None, help="architecture: tiny-sd|tiny-sdxl|sd15|sdxl (default: teacher.kind)")
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("bench", help="training-step and sampling speed: --preset tiny (CPU) | h100 (GPU)")
+    p.add_argument("--preset", choices=["tiny", "h100"], default="tiny")
+    p.add_argument("--out", default="runs/speed", help="folder for speed.json and speed.md")
+    p.add_argument("--objectives", nargs="+", default=None, choices=["dmd2", "lcm", "regression"])
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -104,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             from stepdistill.evaluate import evaluate_cli
 
             summary = evaluate_cli(args)
+        elif args.command == "plan":
+            from stepdistill.config import load_config
+            from stepdistill.perf.memory import plan
+
+            summary = plan(load_config(args.config, args.overrides), args.gpu_gib, args.model)
+        elif args.command == "bench":
+            from stepdistill.perf.speed import run_and_write
+
+            command = f"stepdistill bench --preset {args.preset} --out {args.out}" + \
+                (f" --objectives {' '.join(args.objectives)}" if args.objectives else "")
+            summary = run_and_write(args.preset, args.objectives, args.out, command)
         else:  # pragma: no cover - argparse restricts the choices
             parser.error(f"unknown command {args.command}")
     except Interrupted as e:

@@ -207,3 +207,18 @@ def test_plan_teacher_offload_rung_drops_exactly_the_teacher_backbone():
         assert not any("offload" in r["option"] for r in plan(c, gpu_gib=1e-6, model="tiny-sd")["estimates"])
         with pytest.raises(ValueError, match="shared with a trained network"):
             estimate(build_meta_objective(c, "tiny-sd"), 2, teacher_offload=True)
+
+
+def test_cli_plan_prints_the_plan_and_bench_knows_the_bench_objectives(capsys):
+    from stepdistill.cli import main
+    from stepdistill.perf.speed import OBJECTIVE_CONFIGS
+
+    assert main(["plan", "--config", str(ROOT / "configs/dmd2_sd15.yaml"), "--model", "tiny-sd", "--gpu-gib", "80",
+                 "train.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["gpu_gib"] == 80 and result["recommendation"] == "as configured"
+    assert result["estimates"][0]["options"]["batch_size"] == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--objectives", "boot"])  # argparse refuses an objective the bench does not know
+    assert sorted(OBJECTIVE_CONFIGS) == ["dmd2", "lcm", "regression"] and sorted(PRESETS) == ["h100", "tiny"]

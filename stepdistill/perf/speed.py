@@ -4,6 +4,7 @@ architectures (or the tiny pipelines on CPU). Results: JSON plus a markdown tabl
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import tempfile
 import time
@@ -422,4 +423,18 @@ def markdown(result: dict) -> str:
         if result[key]:
             lines += ["", f"{key}: {result[key]}"]
     return "\n".join(lines) + "\n"
+
+
+def run_and_write(preset_name: str, objectives: list[str] | None, out: str | Path, command: str) -> dict:
+    """Run the preset, write <out>/speed.json and <out>/speed.md, print the table; returns where they are."""
+    result = run(preset_name, objectives)
+    result["command"] = command
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "speed.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (folder / "speed.md").write_text(table)
+    print(table, flush=True)
+    return {"speed_json": str(folder / "speed.json"), "speed_md": str(folder / "speed.md"),
+            "errors": result["errors"], "skipped": result["skipped"]}
 
