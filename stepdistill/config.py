@@ -284,6 +284,29 @@ HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 TRUSTED_LIBRARIES = {"diffusers", "transformers", None}
 
 
+OFFLOAD_REFUSALS = {  # (config key, value) -> (why teacher.offload cannot work with it, the other fix)
+    ("objective.critic_shared_base", True): ("the teacher's backbone is then the trainable critic's base",
+                                             "objective.critic_shared_base=false (a separate frozen teacher)"),
+    ("objective.teacher_net", "lora_base"): ("the teacher is then the trainable LoRA student's base",
+                                             "objective.teacher_net=teacher (a separate frozen teacher)"),
+    ("train.compile", True): ("the offload hooks swap weights in at every forward (torch.compile graph-breaks)",
+                              "train.compile=false"),
+    ("teacher.kind", "gmm"): ("the analytic teacher has no network weights to offload", None),
+}
+
+
+def teacher_offload_refusal(cfg: Config) -> str | None:
+    """Why teacher.offload=true cannot work with this config (the teacher's backbone is not a separate frozen
+    network, or the run compiles it), or None; the Trainer refuses with it and the planner skips its rung."""
+    sections = {"objective": cfg.objective, "train": cfg.train, "teacher": cfg.teacher}
+    for (key, value), (why, fix) in OFFLOAD_REFUSALS.items():
+        section, name = key.split(".")
+        if getattr(sections[section], name, None) == value:
+            fixes = f"{fix} or teacher.offload=false" if fix else "teacher.offload=false"
+            return f"teacher.offload=true does not work with {key}={str(value).lower()}: {why}. Set {fixes}"
+    return None
+
+
 def check_teacher_source(cfg: TeacherConfig) -> None:
     """Fail fast on a teacher that cannot load: no path, a missing folder, a folder that is not a diffusers
     pipeline, custom code without trust_remote_code, or a hub id that is not cached while offline."""

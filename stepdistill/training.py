@@ -26,7 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stepdistill.config import Config, ConfigError, check_teacher_source, config_to_dict
+from stepdistill.config import (
+    Config,
+    ConfigError,
+    check_teacher_source,
+    config_to_dict,
+    teacher_offload_refusal,
+)
 from stepdistill.data import ConditionSource, ImageFolderDataset, read_prompts
 from stepdistill.objectives import REGISTRY, Objective
 from stepdistill.objectives.base import get_module, set_module
@@ -197,30 +203,6 @@ def diffusers_models(modules: list[nn.Module]) -> list[nn.Module]:
     return list(found.values())
 
 
-OFFLOAD_REFUSALS = {  # (config key, value) -> (why teacher.offload cannot work with it, the other fix)
-    ("objective.critic_shared_base", True): ("the teacher's backbone is then the trainable critic's base",
-                                             "objective.critic_shared_base=false (a separate frozen teacher)"),
-    ("objective.teacher_net", "lora_base"): ("the teacher is then the trainable LoRA student's base",
-                                             "objective.teacher_net=teacher (a separate frozen teacher)"),
-    ("train.compile", True): ("the offload hooks swap weights in at every forward (torch.compile graph-breaks)",
-                              "train.compile=false"),
-    ("teacher.kind", "gmm"): ("the analytic teacher has no network weights to offload", None),
-}
-
-
-def check_teacher_offload(cfg: Config) -> None:
-    """Refuse teacher.offload where the teacher's backbone is not a separate frozen network (before it loads)."""
-    if not cfg.teacher.offload:
-        return
-    sections = {"objective": cfg.objective, "train": cfg.train, "teacher": cfg.teacher}
-    for (key, value), (why, fix) in OFFLOAD_REFUSALS.items():
-        section, name = key.split(".")
-        if getattr(sections[section], name, None) == value:
-            fixes = f"{fix} or teacher.offload=false" if fix else "teacher.offload=false"
-            raise ConfigError(f"teacher.offload=true does not work with {key}={str(value).lower()}: {why}. "
-                              f"Set {fixes}")
-
-
 def offload_teacher(teacher: Teacher, device: torch.device) -> nn.Module:
     """teacher.offload: the frozen backbone's weights move to CPU memory, and accelerate's cpu_offload hooks copy
     each submodule's weights to `device` for its own forward only (outputs return to the input's device)."""
@@ -329,7 +311,8 @@ class Trainer:
         """Checks that need no model, run before the teacher loads: its source, the prompt file, the images."""
         check_teacher_source(self.cfg.teacher)
         check_attention(self.cfg.train.attention)
-        check_teacher_offload(self.cfg)
+        if self.cfg.teacher.offload and (refusal := teacher_offload_refusal(self.cfg)):
+            raise ConfigError(refusal)
         data = self.cfg.data
         if data.prompts_file:
             read_prompts(data.prompts_file)

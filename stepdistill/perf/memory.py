@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from stepdistill.config import Config
+from stepdistill.config import Config, teacher_offload_refusal
 from stepdistill.objectives import REGISTRY, Objective
 from stepdistill.objectives.base import get_module
 
@@ -209,12 +209,6 @@ def separate_teacher(objective: Objective) -> bool:
     return not any(p.requires_grad or p.untyped_storage()._cdata in trained for p in backbone.parameters())
 
 
-def shares_teacher(cfg: Config) -> bool:
-    """The config keys that make the teacher's backbone a trained network's base (teacher.offload refuses them)."""
-    return bool(getattr(cfg.objective, "critic_shared_base", False)) or \
-        getattr(cfg.objective, "teacher_net", "teacher") == "lora_base"
-
-
 ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl"}
 SHARED_CRITIC_RANK = 64  # when the config has no critic rank: the LoRA rank of the MSD and SNOOPI recipes
 
@@ -270,7 +264,7 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
         ladder = ("gradient checkpointing + 8-bit AdamW", needs, {**ckpt, "optimizer": "adamw_8bit"},
                   set_ckpt + ["train.optimizer=adamw_8bit"])
         candidates.append((ladder[0] + needs, cfg, ladder[2], ladder[3]))
-    if not cfg.teacher.offload and not shares_teacher(cfg):  # on top of the rung before: costs speed, not quality
+    if not cfg.teacher.offload and teacher_offload_refusal(cfg) is None:  # on top of the rung before: speed, not quality
         offload = copy.deepcopy(cfg)
         offload.teacher.offload = True
         name, note, options, keys = ladder
