@@ -1,0 +1,7 @@
+"""stepdistill: distill multi-step diffusion models into one-step and few-step generators."""
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("stepdistill")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
