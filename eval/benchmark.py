@@ -16,46 +16,52 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from stepdistill import digits
 from stepdistill.demo import DEMO_CONFIG, EVAL_SEED, markdown_table, run_distillation
 from stepdistill.metrics.digits import REFERENCE_NAME, TEACHER_GUIDANCE, digits_reference, evaluate_digits
-from stepdistill.pipelines.export import load_exported
+from stepdistill.pipelines import load_exported
 
 DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
 # Each method's objective section; everything else (teacher, student = a copy of its UNet at t = 999, batch 32,
 # seed) is the demo's. Teacher-sample methods use the teacher at the reference's CFG scale 3 (LCM form: omega 2).
 METHODS: dict[str, dict] = {
     "regression (DMD L_reg / rectified-flow distillation)": {
-        "name": "regression", "lr": 5e-4, "num_pairs": 1000, "teacher_steps": 20, "guidance": TEACHER_GUIDANCE,
+        "name": "regression", "lr": 5e-4, "pairs": {"num": 1000, "steps": 20, "guidance": TEACHER_GUIDANCE},
         "loss": "l2"},
     "consistency (LCM, data-free)": {
-        "name": "consistency", "lr": 5e-4, "data": "teacher", "num_pairs": 1000, "pair_steps": 20,
-        "pair_guidance": TEACHER_GUIDANCE, "w_min": TEACHER_GUIDANCE - 1, "w_max": TEACHER_GUIDANCE - 1,
-        "loss": "l2"},
+        "name": "consistency", "lr": 5e-4, "data": "teacher",
+        "pairs": {"num": 1000, "steps": 20, "guidance": TEACHER_GUIDANCE}, "w_min": TEACHER_GUIDANCE - 1,
+        "w_max": TEACHER_GUIDANCE - 1, "loss": "l2"},
     "DMD2 (no GAN)": DEMO_OBJECTIVE,
-    "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "{real}", "gan_generator_weight": 3e-3,
+    "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "images", "gan_generator_weight": 3e-3,
                                   "gan_critic_weight": 1e-2},
 }
 SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->"
 
 
-def real_latents(path: Path) -> Path:
-    """The train digits encoded by the teacher's VAE (latent means x scaling factor), the GAN's real data."""
-    pipe = digits.load_digits_pipeline()
-    images, _ = digits.load_digit_images("train")
-    with torch.no_grad():
-        latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, str(path))
-    return path
+def real_images(folder: Path) -> Path:
+    """The train digits as PNGs with their prompts as captions (metadata.jsonl): the GAN's real data."""
+    from PIL import Image
+
+    images, labels = digits.load_digit_images("train")
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        name = f"{i:05d}.png"
+        array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(array).save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": digits.digit_prompt(int(label))}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
 
 
 def method_config(name: str, out: Path, real: Path) -> Path:
     """The demo config with this method's objective section, written to <out>/configs/ (it is what ran)."""
     tree = yaml.safe_load(DEMO_CONFIG.read_text())
-    tree["objective"] = {k: (v.format(real=real) if isinstance(v, str) else v) for k, v in METHODS[name].items()}
+    tree["objective"] = dict(METHODS[name])
+    if tree["objective"].get("real_data") == "images":
+        tree.setdefault("data", {})["image_dir"] = str(real)
     path = out / "configs" / f"{slug(name)}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -94,7 +100,7 @@ def main() -> None:
     for steps in (1, 4):
         rows[f"teacher {steps}-step DDIM"], _ = evaluate_digits(teacher, reference, steps, TEACHER_GUIDANCE,
                                                                 args.per_digit, EVAL_SEED)
-    real = real_latents(out / "real_latents.safetensors")
+    real = real_images(out / "real_digits")
     for name in args.methods:
         # a method that updates its critic several times per generator update gets that many more steps
         train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from gmm_harness import build, optimize  # noqa: E402
+from gmm_harness import build, optimize
 
-from stepdistill.metrics.distribution import evaluate_against_mixture, evaluate_generator  # noqa: E402
-from stepdistill.objectives.consistency import lcm_timesteps  # noqa: E402
-from stepdistill.students import Generator  # noqa: E402
+from stepdistill.metrics.distribution import evaluate_against_mixture, evaluate_generator
+from stepdistill.objectives.consistency import lcm_timesteps
+from stepdistill.students import RenoiseGenerator
 
 
 def main() -> None:
@@ -37,7 +37,8 @@ def main() -> None:
     optimize(objective, args.steps, 256, args.seed)
     student = objective.generator
     for n in (1, 2, 4) if args.segments == 1 else (args.segments,):
-        sampler = Generator(student.backbone, teacher, lcm_timesteps(objective.grid, n), student.prediction_type) \
+        sampler = RenoiseGenerator(student.backbone, teacher, lcm_timesteps(objective.grid, n), student.schedule,
+                                   student.prediction_type) \
             if args.segments == 1 else student
         print(f"student {n} steps (S={args.segments}): {evaluate_generator(sampler, n=4096, seed=0, num_steps=n)}")
 

@@ -7,16 +7,16 @@ import sys
 
 
 def _train(config: str | None, overrides: list[str]) -> dict:
-    from stepdistill.config import load_config
-    from stepdistill.teachers.gmm import GMMTeacher
+    from stepdistill.config import config_from_dict, load_config_tree
     from stepdistill.training import Trainer
 
-    cfg = load_config(config, overrides)
-    if getattr(cfg.objective, "stages", None):  # a progressive schedule: one run per stage
-        from stepdistill.stages import run_stages
+    tree = load_config_tree(config, overrides)
+    if tree.get("recipe"):  # a multi-stage run: one training per stage
+        from stepdistill.recipes import run_recipe
 
-        return {"stages": [{"output_dir": str(r.output_dir), "steps": r.step, "export": str(r.final_dir)}
-                           for r in run_stages(cfg)]}
+        stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)))
+        return {"stages": stages}
+    cfg = config_from_dict(tree)
     trainer = Trainer(cfg)
     result = trainer.train()
     if result.interrupted:
@@ -24,7 +24,7 @@ def _train(config: str | None, overrides: list[str]) -> dict:
     summary: dict = {"output_dir": str(result.output_dir), "steps": result.step, "export": str(result.final_dir),
                      "skipped_steps": result.skipped_steps}
     generator = trainer.generator_for_inference()
-    if isinstance(generator.teacher, GMMTeacher) and trainer.accelerator.is_main_process:
+    if generator.teacher.mixture is not None and trainer.accelerator.is_main_process:
         from stepdistill.metrics.distribution import evaluate_generator
 
         summary["metrics"] = evaluate_generator(generator, n=4096, seed=cfg.train.seed).as_dict()
@@ -51,8 +51,8 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="distill a student: stepdistill train --config FILE [section.key=value ...]")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("train", help="distill a student: stepdistill train --config FILE|PRESET [section.key=value ...]")
+    p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("teacher", help="train an offline teacher: stepdistill teacher digits [--seed 0]")
     p.add_argument("name", choices=["digits"])
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception-weights", default="", help="local Inception weights file (torchmetrics backend)")
     p.add_argument("--speed", action="store_true", help="also measure latency and throughput")
     p = sub.add_parser("plan", help="per-GPU memory estimate of a config and the options that make it fit")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU, GiB")
     p.add_argument("--model", default=None, help="architecture: tiny-sd|tiny-sdxl|sd15|sdxl (default: teacher.kind)")
     p.add_argument("overrides", nargs="*")
@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            summary = _train(args.config, args.overrides)
+            from stepdistill.training.accel import close_process_group
+
+            try:
+                summary = _train(args.config, args.overrides)
+            finally:
+                close_process_group()
         elif args.command == "teacher":
             from stepdistill import digits
 

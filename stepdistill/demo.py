@@ -48,7 +48,7 @@ def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str]
 
 def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_digit: int = EVAL_PER_DIGIT) -> dict:
     from stepdistill.metrics.digits import REFERENCE_NAME, TEACHER_GUIDANCE, digits_reference, evaluate_digits
-    from stepdistill.pipelines.export import load_exported
+    from stepdistill.pipelines import load_exported
     from stepdistill.visualize import image_grid
 
     start = time.perf_counter()

@@ -11,7 +11,7 @@ def load_pipeline(folder: str | Path):
     """(pipeline, recipe): an exported student with its sampling recipe, or any pipeline folder with none."""
     from diffusers import DiffusionPipeline
 
-    from stepdistill.pipelines.export import RECIPE_FILE, load_exported
+    from stepdistill.pipelines import RECIPE_FILE, load_exported
 
     folder = Path(folder)
     if (folder / RECIPE_FILE).is_file():

@@ -7,8 +7,8 @@ import torch
 
 from stepdistill.config import load_config
 from stepdistill.data import PairDataset
-from stepdistill.objectives.base import Objective, get_module
-from stepdistill.training import build_objective
+from stepdistill.objectives import Objective, build_objective
+from stepdistill.objectives.base import get_module
 
 
 def build(config: str, overrides: list[str], seed: int = 0) -> Objective:

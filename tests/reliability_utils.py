@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,14 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from stepdistill.config import Config, config_from_dict
-from stepdistill.data import ConditionSource
-from stepdistill.students import build_student
-from stepdistill.teachers import load_teacher
-from stepdistill.training import Trainer
+from stepdistill.objectives import build_objective
+from stepdistill.training import DEFAULT_HOOKS, Hook, Trainer
 
 
 def tiny_tree(output_dir: Path, **train) -> dict:
     """256 cached pairs, batch 32: 8 steps per epoch, so 12 steps cross an epoch boundary."""
     return {
-        "objective": {"name": "regression", "lr": 1e-2, "num_pairs": 256, "teacher_steps": 4},
+        "objective": {"name": "regression", "lr": 1e-2, "pairs": {"num": 256, "steps": 4}},
         "teacher": {"kind": "gmm", "num_modes": 4, "backbone_hidden": 32, "backbone_depth": 2},
         "student": {"kind": "copy", "timesteps": [999], "prediction_type": "sample"},
         "train": {"output_dir": str(output_dir), "max_steps": 12, "batch_size": 32, "checkpoint_every": 5,
@@ -42,9 +41,8 @@ def make_trainer(cfg: Config | dict, objective_class=None) -> Trainer:
     if objective_class is None:
         return Trainer(cfg)
     set_seed(cfg.train.seed)
-    teacher = load_teacher(cfg.teacher)
-    generator = build_student(teacher, cfg.student)
-    return Trainer(cfg, objective_class(teacher, generator, ConditionSource(teacher), cfg.objective))
+    built = build_objective(cfg)  # the config's teacher, conditions and student, as the CLI builds them
+    return Trainer(cfg, objective_class(built.teacher, built.generator, built.source, cfg.objective, cfg.data))
 
 
 def checkpoint_state(folder: Path) -> dict:
@@ -81,3 +79,41 @@ def assert_same(a, b, where: str = "") -> None:
 def checkpoint_steps(output_dir: Path) -> list[int]:
     root = Path(output_dir) / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in root.glob("checkpoint-*"))
+
+
+PAUSE_ENV = "STEPDISTILL_TEST_PAUSE"  # <where>:<step>, read by the launcher below
+
+
+class PauseAt(Hook):
+    """A test hook: at <where>:<step> ("step" after a training step, "save" between a checkpoint's write and its
+    rename) the main process creates <output_dir>/paused and waits up to 60 s for a stop signal, so a test can
+    interrupt or SIGKILL the run at that exact point."""
+
+    def __init__(self, spec: str) -> None:
+        where, step = spec.split(":")
+        self.where, self.at = where, int(step)
+
+    def _pause(self, trainer, where: str) -> None:
+        if where != self.where or trainer.step != self.at or not trainer.accelerator.is_main_process:
+            return
+        (trainer.output_dir / "paused").touch()
+        deadline = time.monotonic() + 60
+        while not trainer.stop_requested and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def on_step_end(self, trainer, logs) -> None:
+        self._pause(trainer, "step")
+
+    def on_checkpoint_written(self, trainer, folder) -> None:
+        self._pause(trainer, "save")
+
+
+def cli_with_pause() -> int:
+    """`stepdistill` with a PauseAt hook from $STEPDISTILL_TEST_PAUSE registered on every trainer."""
+    import os
+    import sys
+
+    from stepdistill.cli import main
+
+    DEFAULT_HOOKS.append(lambda: PauseAt(os.environ[PAUSE_ENV]))
+    return main(sys.argv[1:])

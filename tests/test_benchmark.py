@@ -22,11 +22,11 @@ def bench():
 def test_every_method_config_loads_with_its_own_objective(bench, tmp_path):
     names = set()
     for method in bench.METHODS:
-        cfg = load_config(bench.method_config(method, tmp_path, tmp_path / "real.safetensors"), asset_overrides())
+        cfg = load_config(bench.method_config(method, tmp_path, tmp_path / "real_digits"), asset_overrides())
         names.add(cfg.objective.name)
         assert cfg.student.timesteps == [999] and cfg.train.batch_size == 32  # the shared budget
-    gan = load_config(bench.method_config("DMD2 + GAN on real digits", tmp_path, tmp_path / "real.safetensors"))
-    assert gan.objective.real_data == str(tmp_path / "real.safetensors")
+    gan = load_config(bench.method_config("DMD2 + GAN on real digits", tmp_path, tmp_path / "real_digits"))
+    assert gan.objective.real_data == "images" and gan.data.image_dir == str(tmp_path / "real_digits")
     assert names == {"regression", "consistency", "dmd2"}
 
 

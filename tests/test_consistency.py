@@ -22,23 +22,24 @@ from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_t
     LatentConsistencyModelPipeline,
 )
 from gmm_harness import build, optimize
-from safetensors.torch import load_file
 
-from stepdistill.config import load_config
+from stepdistill.config import load_config, load_config_tree
 from stepdistill.export import load_mlp_student
 from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.objectives import build_objective
 from stepdistill.objectives.consistency import (
     Consistency,
-    SegmentGenerator,
     guidance_embedding,
     lcm_timesteps,
     segment_boundaries,
     segment_timesteps,
 )
+from stepdistill.recipes import plan_stages, run_recipe
+from stepdistill.recipes.runner import stage_config
 from stepdistill.schedules import NoiseSchedule, _bcast
-from stepdistill.stages import STAGE_WEIGHTS, run_stages
-from stepdistill.students import Generator, adapters_off, add_lora
-from stepdistill.training import Trainer, build_objective
+from stepdistill.students import Generator, OdeGenerator, RenoiseGenerator
+from stepdistill.students.lora import adapters_off, add_lora
+from stepdistill.training import Trainer
 
 CONFIG = Path(__file__).parents[1] / "configs" / "consistency_gmm.yaml"
 
@@ -81,8 +82,8 @@ def train(cfg, objective_class=Consistency):
 
 
 def lcm_sampler(generator: Generator, objective: Consistency, steps: int) -> Generator:
-    return Generator(generator.backbone, generator.teacher, lcm_timesteps(objective.grid, steps),
-                     generator.prediction_type)
+    return RenoiseGenerator(generator.backbone, generator.teacher, lcm_timesteps(objective.grid, steps),
+                            generator.schedule, generator.prediction_type)
 
 
 # ------------------------------------------------------------------ pieces against diffusers
@@ -182,33 +183,38 @@ def test_short_lcm_run_learns_and_mcd_samples_with_segments(tmp_path):
     assert untrained.sw2 > 0.3 and trained.sw2 < 0.15, (untrained, trained)
     cfg = make_config(tmp_path / "mcd", "train.max_steps=20", "objective.num_segments=4")
     generator, _ = train(cfg)
-    assert isinstance(generator, SegmentGenerator) and generator.timesteps == [999, 739, 499, 239]
+    assert isinstance(generator, OdeGenerator) and generator.timesteps == [999, 739, 499, 239]
 
 
-def test_stages_run_in_order_and_final_model_samples_at_1_2_4_8_steps(tmp_path):
-    # Hyper-SD's 8 -> 4 -> 2 -> 1; a last 0-step stage shows that a stage starts from the previous weights
-    stages = "[{num_segments: 8, max_steps: 30}, {num_segments: 4, max_steps: 30}, " \
-             "{num_segments: 2, max_steps: 30}, {num_segments: 1, max_steps: 30}, {num_segments: 1, max_steps: 0}]"
-    overrides = [f"objective.stages={stages}", "train.batch_size=64"]
-    results = run_stages(make_config(tmp_path, *overrides))
-    assert [r.output_dir.name for r in results] == ["stage-0-s8", "stage-1-s4", "stage-2-s2", "stage-3-s1",
-                                                    "stage-4-s1"]
-    assert [r.step for r in results] == [30, 30, 30, 30, 0]
-    teacher = build_objective(make_config(tmp_path), "cpu").teacher
-    final = load_mlp_student(results[-1].final_dir, teacher)
-    handed_on = load_file(str(tmp_path / "stage-3-s1" / STAGE_WEIGHTS))
-    fresh = teacher.build_backbone().state_dict()
-    for k, v in final.backbone.state_dict().items():
-        torch.testing.assert_close(v, handed_on[k])
-        assert not torch.equal(v, fresh[k]) or v.abs().sum() == 0
+def test_recipe_runs_stages_in_order_each_from_the_previous_export(tmp_path):
+    """Hyper-SD's 8 -> 4 -> 2 -> 1 as a recipe: each stage starts from the previous stage's export (the EMA
+    target restarts from it too), the final model samples at 1, 2, 4 and 8 steps, and a rerun skips every
+    finished stage."""
+    tree = load_config_tree(CONFIG, [f"train.output_dir={tmp_path}", "train.progress=false", "train.batch_size=64",
+                                     "train.max_steps=30"])
+    segments = [8, 4, 2, 1]
+    tree["recipe"] = [{"name": f"s{n}", "set": {"objective.num_segments": n,
+                                                **({"student.init": f"${{stages.s{prev}.final}}"} if prev else {})}}
+                      for prev, n in zip([None, *segments], segments)]
+    results = run_recipe(tree)
+    assert [r["stage"] for r in results] == ["s8", "s4", "s2", "s1"] and all(r["steps"] == 30 for r in results)
+    stages = plan_stages(tree)
+    by_name = {s.name: s for s in stages}
+    teacher = build_objective(make_config(tmp_path / "probe"), "cpu").teacher
+    start = build_objective(stage_config(stages[-1], by_name), "cpu").generator.backbone.state_dict()
+    handed_on = load_mlp_student(tmp_path / "s2" / "final", teacher).backbone.state_dict()
+    final = load_mlp_student(tmp_path / "s1" / "final", teacher)
+    assert all(torch.equal(start[k], handed_on[k]) for k in start)  # s1 started from s2's export
+    assert any(not torch.equal(v, start[k]) for k, v in final.backbone.state_dict().items())  # and trained
+    assert isinstance(load_mlp_student(tmp_path / "s4" / "final", teacher), OdeGenerator)
     grid = NoiseSchedule.vp().skipping_step_grid(50)
     for n in (1, 2, 4, 8):
-        sampler = Generator(final.backbone, teacher, lcm_timesteps(grid, n), final.prediction_type)
+        sampler = RenoiseGenerator(final.backbone, teacher, lcm_timesteps(grid, n), final.schedule,
+                                   final.prediction_type)
         x = sampler.sample(torch.randn(256, 2), teacher.encode(torch.zeros(256)))
         assert x.shape == (256, 2) and torch.isfinite(x).all()
-    # a rerun skips the finished stages (their weights files exist)
-    rerun = load_config(CONFIG, [f"train.output_dir={tmp_path}", "train.progress=false", *overrides])
-    assert run_stages(rerun) == []
+    rerun = run_recipe(tree)
+    assert [r["stage"] for r in rerun] == ["s8", "s4", "s2", "s1"] and all(r["skipped"] for r in rerun)
 
 
 # ------------------------------------------------------------------ acceptance on the analytic teacher
@@ -271,7 +277,7 @@ def test_defects_fail_the_bounds(defect, steps):
 def test_trajectory_data_trains_on_the_teachers_own_states(tmp_path):
     """MLCM's data: states on cached teacher trajectories over the solver grid (no forward noising). The cached
     state at grid point t_i is the teacher's DDIM from the cached noise down to t_i, and a short run learns."""
-    overrides = ["objective.data=trajectory", "objective.num_pairs=2048", "objective.lr=1e-3",
+    overrides = ["objective.data=trajectory", "objective.pairs.num=2048", "objective.lr=1e-3",
                  f"train.output_dir={tmp_path}"]
     objective = build(str(CONFIG), overrides)
     objective.prepare_data(str(tmp_path), "cpu")
@@ -286,5 +292,5 @@ def test_trajectory_data_trains_on_the_teachers_own_states(tmp_path):
     trained = optimize(objective, 800, 256)
     report = evaluate_generator(lcm_sampler(trained.generator, trained, 4), n=1024, num_steps=4)
     assert untrained.sw2 > 0.3 and report.sw2 < 0.15, (untrained, report)
-    with pytest.raises(ValueError, match="pair_guidance - 1"):
+    with pytest.raises(ValueError, match="pairs.guidance - 1"):
         build(str(CONFIG), ["objective.data=trajectory", "objective.w_min=2.0", "objective.w_max=2.0"])

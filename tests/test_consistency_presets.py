@@ -22,11 +22,13 @@ from diffusers import (
 from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.export import export_student, load_mlp_student
+from stepdistill.objectives import build_objective
 from stepdistill.objectives.consistency import guidance_embedding
 from stepdistill.pipelines import RECIPE_FILE, load_exported
-from stepdistill.students import BaseNetwork, Generator, SegmentGenerator
+from stepdistill.students import OdeGenerator, RenoiseGenerator
+from stepdistill.students.lora import BaseNetwork
 from stepdistill.teachers.tiny import save_tiny_pipeline
-from stepdistill.training import Trainer, build_objective
+from stepdistill.training import Trainer
 
 PROMPT = "a photo of a cat"
 ROOT = Path(__file__).parents[1]
@@ -43,7 +45,7 @@ def overrides(folder, out, *extra):
     return [f"teacher.path={folder}", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=2",
             "train.checkpoint_every=0", "train.validate_every=0", "train.report_to=none",
             "train.num_validation_samples=2", "train.progress=false", "train.mixed_precision='no'",
-            "train.gradient_checkpointing=false", "objective.num_pairs=4", "objective.pair_steps=2",
+            "train.gradient_checkpointing=false", "objective.pairs.num=4", "objective.pairs.steps=2",
             "objective.lr=1e-3", "student.lora_rank=4", "student.lora_alpha=4.0", *extra]
 
 
@@ -78,15 +80,14 @@ def test_guidance_embedding_reaches_the_unet(kind, tiny, tmp_path):
 PRESETS = [  # preset, tiny kind, extra overrides, [(stage folder or "", scheduler, timesteps)]
     ("lcm_sd15", "sd", [], [("", LCMScheduler, [999, 759, 499, 259])]),
     ("lcm_lora_sdxl", "sdxl", [], [("", LCMScheduler, [999, 759, 499, 259])]),
-    ("mlcm_sdxl", "sdxl", ["objective.stages=[{num_segments: 8, max_steps: 1}, {num_segments: 4, max_steps: 1}]"],
-     [("stage-0-s8", DDIMScheduler, [999, 874, 749, 624, 499, 374, 249, 124]),
-      ("stage-1-s4", DDIMScheduler, [999, 749, 499, 249])]),
-    ("tscd_sd15", "sd", ["objective.stages=[{num_segments: 8, max_steps: 1}, {num_segments: 4, max_steps: 1}, "
-                         "{num_segments: 2, max_steps: 1}, {num_segments: 1, max_steps: 1}]"],
-     [("stage-0-s8", EulerDiscreteScheduler, [999, 859, 739, 619, 499, 359, 239, 119]),
-      ("stage-1-s4", EulerDiscreteScheduler, [999, 739, 499, 239]),
-      ("stage-2-s2", DDIMScheduler, [999, 499]),  # on the trailing grid
-      ("stage-3-s1", LCMScheduler, [999])]),
+    ("mlcm_sdxl", "sdxl", ["train.max_steps=1"],
+     [("seg8", DDIMScheduler, [999, 874, 749, 624, 499, 374, 249, 124]),
+      ("seg4", DDIMScheduler, [999, 749, 499, 249])]),
+    ("tscd_sd15", "sd", ["train.max_steps=1"],
+     [("seg8", EulerDiscreteScheduler, [999, 859, 739, 619, 499, 359, 239, 119]),
+      ("seg4", EulerDiscreteScheduler, [999, 739, 499, 239]),
+      ("seg2", DDIMScheduler, [999, 499]),  # on the trailing grid
+      ("seg1", LCMScheduler, [999])]),
 ]
 
 
@@ -94,7 +95,8 @@ PRESETS = [  # preset, tiny kind, extra overrides, [(stage folder or "", schedul
 def test_preset_trains_through_the_cli_and_exports_load_with_plain_diffusers(preset, kind, extra, exports, tiny,
                                                                             tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", f"configs/{preset}.yaml", *overrides(tiny[kind], out, *extra)]) == 0
+    extra = [*extra, f"objective.pairs.dir={out / 'pairs'}"] if extra else extra
+    assert main(["train", "--config", preset, *overrides(tiny[kind], out, *extra)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [s["steps"] for s in summary.get("stages", [summary])] == [1 if extra else 2] * len(exports)
     for stage, scheduler_class, timesteps in exports:
@@ -148,12 +150,12 @@ def test_lora_student_teacher_is_its_base_with_adapters_disabled(tiny, tmp_path)
 ])
 def test_segmented_lora_export_equals_the_segment_sampler(kind, segments, extra, scheduler_class, tiny, tmp_path):
     cfg = load_config(ROOT / "configs/tscd_sd15.yaml",
-                      overrides(tiny[kind], tmp_path, "objective.stages=[]", f"teacher.kind={kind}",
+                      overrides(tiny[kind], tmp_path, "recipe=[]", f"teacher.kind={kind}",
                                 f"objective.num_segments={segments}", *extra))
     generator = build_objective(cfg, "cpu").generator
-    assert isinstance(generator, SegmentGenerator)
+    assert isinstance(generator, OdeGenerator)
     perturb_(generator.backbone)
-    folder = export_student(generator, tmp_path / "export")
+    folder = export_student(generator, generator.teacher, tmp_path / "export")
     pipe, recipe = load_exported(folder)
     assert isinstance(pipe.scheduler, scheduler_class) and recipe["guidance_scale"] == 0.0
     noise = torch.randn(2, *generator.teacher.sample_shape)
@@ -161,7 +163,8 @@ def test_segmented_lora_export_equals_the_segment_sampler(kind, segments, extra,
     images = pipe([PROMPT] * 2, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
     assert pipe.scheduler.timesteps.tolist() == [int(t) for t in generator.timesteps]
     torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
-    renoising = Generator(generator.backbone, generator.teacher, generator.timesteps, generator.prediction_type)
+    renoising = RenoiseGenerator(generator.backbone, generator.teacher, generator.timesteps, generator.schedule,
+                                 generator.prediction_type)
     renoised = renoising.sample(noise, generator.teacher.encode([PROMPT] * 2))
     assert (renoised - expected).abs().max() > 1e-3  # LCM-style re-noising would be a different sampler
 
@@ -170,8 +173,8 @@ def test_lcm_export_with_guidance_embedding_equals_the_student(tiny, tmp_path):
     cfg = load_config(ROOT / "configs/lcm_sd15.yaml", overrides(tiny["sd"], tmp_path))
     generator = build_objective(cfg, "cpu").generator
     perturb_(generator.backbone)
-    pipe, recipe = load_exported(export_student(generator, tmp_path / "export"))
-    assert isinstance(pipe.scheduler, LCMScheduler) and recipe["guidance_scale"] == generator.guidance_w + 1
+    pipe, recipe = load_exported(export_student(generator, generator.teacher, tmp_path / "export"))
+    assert isinstance(pipe.scheduler, LCMScheduler) and recipe["guidance_scale"] == generator.w + 1
     noise = torch.randn(2, *generator.teacher.sample_shape)
     torch.manual_seed(3)
     images = pipe([PROMPT] * 2, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
@@ -179,7 +182,7 @@ def test_lcm_export_with_guidance_embedding_equals_the_student(tiny, tmp_path):
     expected = generator.sample(noise, generator.teacher.encode([PROMPT] * 2))
     torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
     unguided = copy.copy(generator)
-    unguided.guidance_w = 0.0
+    unguided.w = 0.0
     torch.manual_seed(3)
     assert (unguided.sample(noise, generator.teacher.encode([PROMPT] * 2)) - expected).abs().max() > 1e-4
 
@@ -198,7 +201,7 @@ def test_mcd_mlp_export_reloads_with_its_segment_sampler(tmp_path):
     result = trainer.train()
     generator = trainer.generator_for_inference()
     reloaded = load_mlp_student(result.final_dir, generator.teacher)
-    assert isinstance(reloaded, SegmentGenerator) and reloaded.timesteps == [999, 739, 499, 239]
+    assert isinstance(reloaded, OdeGenerator) and reloaded.timesteps == [999, 739, 499, 239]
     noise, cond = torch.randn(64, 2), generator.teacher.encode(torch.zeros(64))
     torch.testing.assert_close(reloaded.sample(noise, cond), generator.sample(noise, cond))
 

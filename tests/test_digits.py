@@ -69,7 +69,7 @@ def test_teacher_command_is_reproducible_from_its_seed(tmp_path):
 def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     from PIL import Image
 
-    from stepdistill.pipelines.export import load_exported
+    from stepdistill.pipelines import load_exported
 
     out = tmp_path / "demo"
     assert main(["demo", "--eval-per-digit", "2", "train.max_steps=2", "train.batch_size=4",

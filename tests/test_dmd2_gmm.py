@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gmm_harness import build, optimize
 from stepdistill.metrics.distribution import evaluate_against_mixture, evaluate_generator
-from stepdistill.objectives.dmd2 import DMD2
+from stepdistill.objectives.score_distillation.dmd2 import DMD2
 
 CONFIG = "configs/dmd2_gmm.yaml"
 STEPS, BATCH = 4000, 128  # the preset: 2000 generator updates at critic_updates=2

@@ -71,19 +71,21 @@ def test_gan_term_on_real_images_reaches_the_unet_bottleneck(tiny, tmp_path, cap
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(images / f"{i}.png")
     out = tmp_path / "run"
-    overrides = tiny_overrides(tiny["sd"], out, [f"objective.real_data={images}", "train.log_every=1",
+    overrides = tiny_overrides(tiny["sd"], out, ["objective.real_data=images", f"data.image_dir={images}",
+                                                 "train.log_every=1",
                                                  "train.report_to=tensorboard"])
     assert main(["train", "--config", "configs/dmd2_sd15.yaml", *overrides]) == 0
-    latents = (images / "latents.safetensors")
+    latents = out / "real_latents.safetensors"
     assert latents.is_file()
     from safetensors.torch import load_file
 
     assert load_file(str(latents))["latents"].shape == (4, 4, 8, 8)
     from stepdistill.config import load_config
-    from stepdistill.training import build_objective
+    from stepdistill.objectives import build_objective
 
     obj = build_objective(load_config("configs/dmd2_sd15.yaml", overrides), "cpu")
     assert obj.critic.head is not None
+    obj.prepare_data(out, "cpu")  # the cached latents of the first run are reused
     losses = obj.loss("critic", {"cond_index": torch.tensor([0, 1])}, 1)
     losses["loss"].backward()
     mid = obj.critic.fake_score.mid_block
@@ -94,9 +96,10 @@ def test_gan_term_on_real_images_reaches_the_unet_bottleneck(tiny, tmp_path, cap
 def test_lora_generator_and_lora_critic_train_only_their_adapters(tiny, tmp_path):
     """DMD2's SDXL LoRA recipe: the generator is a LoRA; the fake score may share a frozen base via a LoRA."""
     from stepdistill.config import load_config
-    from stepdistill.training import build_objective
+    from stepdistill.objectives import build_objective
 
     overrides = tiny_overrides(tiny["sdxl"], tmp_path / "run", ["student.kind=lora", "student.lora_rank=4",
+                                                                 "objective.critic=lora",
                                                                  "objective.critic_lora_rank=4"])
     obj = build_objective(load_config("configs/dmd2_sdxl_4step.yaml", overrides), "cpu")
     for phase, module in (("generator", obj.generator.backbone), ("critic", obj.critic.fake_score)):

@@ -1,4 +1,4 @@
-"""DMD2's shared-base critic (objective.critic_shared_base): the fake score is a LoRA injected into the teacher's
+"""DMD2's shared-base critic (objective.critic=shared_base): the fake score is a LoRA injected into the teacher's
 own backbone, with no second copy of the frozen weights; every teacher evaluation runs with the adapters off and
 the critic's with them on. Checked on an MLP teacher (the GMM bench with a network denoiser) and on the tiny SD /
 SDXL diffusers UNets."""
@@ -7,16 +7,18 @@ from itertools import chain
 
 import pytest
 import torch
-
 from gmm_harness import optimize
-from stepdistill.config import load_config
+
+from stepdistill.config import StudentConfig, load_config
 from stepdistill.data import ConditionSource
 from stepdistill.mlp import TimeCondMLP
-from stepdistill.objectives.dmd2 import DMD2, DMD2Config, frozen
+from stepdistill.objectives import build_objective
+from stepdistill.objectives.score_distillation.critic import frozen
+from stepdistill.objectives.score_distillation.dmd2 import DMD2, DMD2Config
 from stepdistill.perf.memory import build_meta_objective, estimate, storage_bytes
-from stepdistill.students import StudentConfig, build_student
+from stepdistill.students import build_student
 from stepdistill.teachers.gmm import GaussianMixture, GMMTeacher
-from stepdistill.training import Trainer, build_objective
+from stepdistill.training import Trainer
 
 torch.set_num_threads(1)
 HIDDEN = 32
@@ -44,7 +46,8 @@ class MLPTeacher(GMMTeacher):
 def mlp_objective(shared: bool = True, rank: int = 4, real_data: str = "mixture", seed: int = 0) -> DMD2:
     teacher = MLPTeacher(seed)
     generator = build_student(teacher, StudentConfig(timesteps=[999], prediction_type="sample"))
-    config = DMD2Config(critic_lora_rank=rank, critic_shared_base=shared, real_data=real_data, critic_updates=2,
+    config = DMD2Config(critic_lora_rank=rank, critic="shared_base" if shared else "lora", real_data=real_data,
+                        critic_updates=2,
                         generator_lr=1e-3, critic_lr=1e-2, weight_decay=0.0, real_guidance=2.0, max_step=0.5)
     torch.manual_seed(seed + 1)  # the GAN head's initialization
     return DMD2(teacher, generator, ConditionSource(teacher), config)
@@ -74,7 +77,7 @@ def test_teacher_predictions_stay_bitwise_the_base_while_the_critic_moves_away()
         assert torch.equal(got.x0, want.x0) and torch.equal(got.eps, want.eps)
     noise = torch.randn(64, 2)
     assert torch.equal(obj.teacher.sample(noise, cond, 4, 2.0), reference.sample(noise, cond, 4, 2.0))
-    assert not obj.critic._features  # the GAN hook on the shared bottleneck kept nothing of the teacher's calls
+    assert not obj.critic.holds_features  # the GAN hook on the shared bottleneck kept nothing of the teacher's calls
     # the critic is the same module with the adapters on: its output has left the teacher's
     fake = obj.critic(x_t, t, cond.fields)[0]
     assert (fake - reference.model_output(x_t, t, cond.fields)).abs().max() > 1e-2
@@ -131,8 +134,8 @@ def test_memory_planner_counts_the_shared_unet_once():
         obj = build_meta_objective(cfg, "tiny-sdxl")
         return obj, estimate(obj, 1, "no")
 
-    copied, est_copied = plan()
-    shared, est_shared = plan("objective.critic_shared_base=true")
+    copied, est_copied = plan("objective.critic=lora")
+    shared, est_shared = plan("objective.critic=shared_base")
     unet_fp32 = 4 * sum(p.numel() for n, p in shared.teacher.backbone.named_parameters() if "lora_" not in n)
     assert est_copied.weights - est_shared.weights == unet_fp32
     assert est_shared.by_module["objective (students, critics, targets)"] == \
@@ -141,16 +144,18 @@ def test_memory_planner_counts_the_shared_unet_once():
 
 
 # ------------------------------------------------------------------ (4) invalid combinations
-def test_shared_base_without_lora_rank_is_refused_naming_both_keys():
-    cfg = load_config("configs/dmd2_gmm.yaml", ["teacher.backbone_hidden=32", "objective.critic_shared_base=true"])
-    with pytest.raises(ValueError, match=r"critic_shared_base.*critic_lora_rank > 0 \(got 0\).*critic_lora_rank=64"):
-        build_objective(cfg, "cpu")
+def test_critic_kind_and_rank_are_checked_when_the_config_loads():
+    with pytest.raises(ValueError, match=r"objective.critic: 'lora_shared' is not one of \['full', 'lora', "
+                                         r"'shared_base'\]"):
+        load_config("configs/dmd2_gmm.yaml", ["objective.critic=lora_shared"])
+    with pytest.raises(ValueError, match="objective.critic_lora_rank must be >= 1, got 0"):
+        load_config("configs/dmd2_gmm.yaml", ["objective.critic=shared_base", "objective.critic_lora_rank=0"])
 
 
 def test_shared_base_needs_a_network_teacher():
     cfg = load_config("configs/dmd2_gmm.yaml", ["teacher.backbone_hidden=32", "objective.critic_lora_rank=4",
-                                                "objective.critic_shared_base=true"])
-    with pytest.raises(ValueError, match="GMMTeacher has none: set objective.critic_shared_base=false"):
+                                                "objective.critic=shared_base"])
+    with pytest.raises(ValueError, match="GMMTeacher teacher has none: use a full or lora critic"):
         build_objective(cfg, "cpu")
 
 
@@ -159,7 +164,7 @@ def trainer(out, steps: int, resume: bool = False, seed: int = 0) -> Trainer:
     cfg = load_config("configs/dmd2_gmm.yaml", [
         f"train.output_dir={out}", f"train.max_steps={steps}", "train.checkpoint_every=2", "train.batch_size=32",
         "train.progress=false", "train.num_validation_samples=16", "train.lr_scheduler=constant",
-        "objective.critic_lora_rank=4", "objective.critic_shared_base=true", "objective.real_data=mixture",
+        "objective.critic_lora_rank=4", "objective.critic=shared_base", "objective.real_data=mixture",
         *(["train.resume=latest"] if resume else [])])
     return Trainer(cfg, mlp_objective(seed=seed))
 
@@ -198,7 +203,7 @@ def test_tiny_sd_unet_shares_its_base_with_the_critic(dtype):
     t = torch.tensor([100.0, 700.0])
     before = teacher.predict(x_t, t, cond, 3.0).x0
     obj = DMD2(teacher, build_student(teacher, StudentConfig()), ConditionSource(teacher, ["a cat", "a dog"]),
-               DMD2Config(critic_lora_rank=4, critic_shared_base=True))
+               DMD2Config(critic_lora_rank=4, critic="shared_base"))
     assert obj.critic.fake_score is unet and teacher.pipe.unet is teacher.backbone
     lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())  # fp32 on a bf16 base

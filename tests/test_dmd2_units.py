@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from stepdistill.config import load_config
-from stepdistill.objectives.dmd2 import DMD2, classifier_head
-from stepdistill.training import Trainer, build_objective
+from stepdistill.objectives import build_objective
+from stepdistill.objectives.score_distillation.critic import Critic, classifier_head
+from stepdistill.objectives.score_distillation.dmd2 import DMD2
+from stepdistill.training import Trainer
 
 
 def objective(overrides=()) -> DMD2:
@@ -31,8 +33,7 @@ def test_dm_gradient_matches_the_formula_and_vanishes_when_fake_equals_real():
     expected = (x0_fake - x0_real) / (x.detach().double() - x0_real).abs().mean(1, keepdim=True)
     torch.testing.assert_close(grad, expected.float(), atol=1e-5, rtol=1e-4)
     # a fake score equal to the real one gives no gradient
-    obj.critic.fake_score = _AnalyticNet(obj.teacher)
-    obj.critic._teacher = [_PassThroughTeacher(obj.teacher)]
+    obj.critic = Critic(_PassThroughTeacher(obj.teacher), _AnalyticNet(obj.teacher), with_head=False)
     _, grad_same = obj.distribution_matching_loss(x.detach(), cond)
     assert grad_same.abs().max() < 1e-5
 
@@ -67,8 +68,7 @@ def test_dm_gradient_points_from_the_fake_toward_the_real_prediction():
     obj = objective()
     cond = obj.source.encode(torch.zeros(256, dtype=torch.long))
     d = torch.tensor([0.5, 0.0])
-    obj.critic.fake_score = _AnalyticNet(obj.teacher, offset=d)
-    obj.critic._teacher = [_PassThroughTeacher(obj.teacher)]
+    obj.critic = Critic(_PassThroughTeacher(obj.teacher), _AnalyticNet(obj.teacher, offset=d), with_head=False)
     x = torch.randn(256, 2) * 0.3
     _, grad = obj.distribution_matching_loss(x, cond)
     assert (grad[:, 0] > 0).all() and grad[:, 1].abs().max() < 1e-4
@@ -131,10 +131,11 @@ def test_backward_simulation_feeds_the_sampler_input_without_grad():
     noise = torch.randn(8, 2)
     seen = []
     original = obj.generator.forward
+    step_of = {t: i for i, t in enumerate(obj.generator.timesteps)}
 
-    def record(x_t, c, step=0):
-        seen.append((step, x_t.clone(), torch.is_grad_enabled()))
-        return original(x_t, c, step)
+    def record(x_t, c, t):
+        seen.append((step_of[float(t[0])], x_t.clone(), torch.is_grad_enabled()))
+        return original(x_t, c, t)
 
     obj.generator.forward = record
     torch.manual_seed(5)
@@ -162,7 +163,7 @@ def test_classifier_head_follows_dmd2_downsampling(shape, expected_layers):
 def test_optional_dmd_regression_term_uses_cached_teacher_pairs(tmp_path):
     """DMD v1's L_reg beside the DM loss: pairs cached once (the regression objective's cache), and the student's
     one-step output from the cached noise is pulled toward the teacher's ODE endpoint."""
-    obj = objective(["objective.regression_weight=0.25", "objective.num_pairs=64", "objective.teacher_steps=4"])
+    obj = objective(["objective.regression_weight=0.25", "objective.pairs.num=64", "objective.pairs.steps=4"])
     obj.prepare_data(str(tmp_path), "cpu")
     assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["meta.json", "pairs-00000.safetensors"]
     losses = obj.loss("generator", {"cond_index": torch.zeros(16, dtype=torch.long)}, 0)

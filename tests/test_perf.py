@@ -12,7 +12,8 @@ from stepdistill.config import load_config
 from stepdistill.perf import speed
 from stepdistill.perf.arch import build_teacher
 from stepdistill.perf.memory import build_meta_objective, count_saved, estimate, storage_bytes
-from stepdistill.perf.speed import PRESETS, BenchTrainer, bench_config
+from stepdistill.perf.speed import PRESETS, bench_config
+from stepdistill.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,15 +56,13 @@ def measured_memory(objective_name: str, model: str, batch: int, tmp_path) -> di
     device = torch.device("cpu")
     cfg = bench_config(objective_name, model, batch, "bf16", device, str(tmp_path))
     cfg.teacher.dtype = "fp32"
-    from stepdistill.data import DEFAULT_PROMPTS, ConditionSource
-    from stepdistill.objectives import REGISTRY
-    from stepdistill.students import build_student
+    from stepdistill.data import DEFAULT_PROMPTS
+    from stepdistill.objectives import build_objective
 
     teacher = build_teacher(model, device, torch.float32)
-    objective = REGISTRY[cfg.objective.name](teacher, build_student(teacher, cfg.student),
-                                             ConditionSource(teacher, DEFAULT_PROMPTS), cfg.objective)
-    trainer = BenchTrainer(cfg, objective)
-    batch_data = next(trainer._batches())
+    objective = build_objective(cfg, device, teacher=teacher, prompts=DEFAULT_PROMPTS)
+    trainer = Trainer(cfg, objective)
+    batch_data = next(trainer.batches())
     groups = {g.name: g for g in objective.optimizer_groups()}
     activations, grads = 0, 0
     for phase in groups:
@@ -72,7 +71,8 @@ def measured_memory(objective_name: str, model: str, batch: int, tmp_path) -> di
         activations = max(activations, sum(seen.values()))
         loss.backward()
         grads = max(grads, storage_bytes(p.grad for p in objective.parameters() if p.grad is not None))
-        trainer._zero_all()
+        for opt in trainer.optimizers.values():
+            opt.zero_grad(set_to_none=True)
     trainer.train_step(batch_data)
     states = storage_bytes(v for opt in trainer.optimizers.values() for s in opt.state.values()
                            for v in s.values() if v.ndim > 0)
@@ -159,13 +159,14 @@ def test_plan_recommends_8bit_adamw_where_it_makes_the_run_fit():
 def test_plan_offers_the_shared_base_critic_for_dmd2_and_it_drops_the_critic_copy():
     from stepdistill.perf.memory import plan
 
-    cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), ["train.batch_size=2", "objective.critic_lora_rank=4"])
+    cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), ["train.batch_size=2", "objective.critic=lora",
+                                                             "objective.critic_lora_rank=4"])
     rows = {r["option"]: r for r in plan(cfg, gpu_gib=1e-6, model="tiny-sd", bitsandbytes=True)["estimates"]}
     shared_row = rows["gradient checkpointing + shared-base LoRA critic"]
-    assert shared_row["set"] == ["train.gradient_checkpointing=true", "objective.critic_lora_rank=4",
-                                 "objective.critic_shared_base=true"]
+    assert shared_row["set"] == ["train.gradient_checkpointing=true", "objective.critic=shared_base",
+                                 "objective.critic_lora_rank=4"]
     shared_cfg = load_config(str(ROOT / "configs/dmd2_sd15.yaml"), [
-        "train.batch_size=2", "objective.critic_lora_rank=4", "objective.critic_shared_base=true"])
+        "train.batch_size=2", "objective.critic_lora_rank=4", "objective.critic=shared_base"])
     copy_objective = build_meta_objective(cfg, "tiny-sd")
     copy = estimate(copy_objective, 2, gradient_checkpointing=True)
     shared = estimate(build_meta_objective(shared_cfg, "tiny-sd"), 2, gradient_checkpointing=True)
@@ -201,7 +202,7 @@ def test_plan_teacher_offload_rung_drops_exactly_the_teacher_backbone():
     configured = plan(cfg_of("configs/dmd2_sd15.yaml", "teacher.offload=true"), gpu_gib=80, model="tiny-sd")
     assert configured["estimates"][0]["by_module"]["teacher.backbone"] == 0  # "as configured" counts it
 
-    shared = [cfg_of("configs/dmd2_sd15.yaml", "objective.critic_lora_rank=4", "objective.critic_shared_base=true"),
+    shared = [cfg_of("configs/dmd2_sd15.yaml", "objective.critic_lora_rank=4", "objective.critic=shared_base"),
               cfg_of("configs/lcm_lora_sdxl.yaml")]  # teacher_net: lora_base
     for c in shared:  # the teacher's backbone is a trained network's base: no rung, and the estimate refuses it
         assert not any("offload" in r["option"] for r in plan(c, gpu_gib=1e-6, model="tiny-sd")["estimates"])

@@ -9,13 +9,14 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch.utils.data import DataLoader
 
-from stepdistill.config import TeacherConfig, load_config
+from stepdistill.config import StudentConfig, TeacherConfig, load_config
 from stepdistill.export import export_student
+from stepdistill.objectives import build_objective
 from stepdistill.pipelines import RECIPE_FILE, load_exported
-from stepdistill.students import StudentConfig, build_student
+from stepdistill.students import build_student
 from stepdistill.teachers import load_teacher
 from stepdistill.teachers.tiny import save_tiny_pipeline
-from stepdistill.training import Trainer, build_objective
+from stepdistill.training import Trainer
 
 PROMPT = "a photo of a cat"
 
@@ -27,9 +28,9 @@ def folders(tmp_path_factory):
 
 
 def _overrides(folder, out, max_steps, timesteps, extra=()):
-    return [f"teacher.kind=auto", f"teacher.path={folder}", "student.kind=copy", f"student.timesteps={timesteps}",
-            "objective.name=regression", "objective.num_pairs=8", "objective.teacher_steps=2",
-            "objective.guidance=2.0", "objective.lr=1.0e-3", f"train.output_dir={out}",
+    return ["teacher.kind=auto", f"teacher.path={folder}", "student.kind=copy", f"student.timesteps={timesteps}",
+            "objective.name=regression", "objective.pairs.num=8", "objective.pairs.steps=2",
+            "objective.pairs.guidance=2.0", "objective.lr=1.0e-3", f"train.output_dir={out}",
             f"train.max_steps={max_steps}", "train.batch_size=4", "train.checkpoint_every=2", "train.report_to=none",
             "train.num_validation_samples=2", "train.progress=false", "train.mixed_precision='no'", *extra]
 
@@ -78,7 +79,7 @@ def test_k_step_export_reproduces_the_students_renoising_rule(folders, tmp_path)
     with torch.no_grad():
         for p in generator.backbone.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    pipe, recipe = load_exported(export_student(generator, tmp_path / "export"))
+    pipe, recipe = load_exported(export_student(generator, teacher, tmp_path / "export"))
     assert recipe["pipeline_kwargs"] == {"num_inference_steps": 4, "guidance_scale": 0.0}
     assert pipe.scheduler.config.original_inference_steps == 4
     noise = torch.randn(1, *teacher.sample_shape)
@@ -99,7 +100,7 @@ def test_lora_student_exports_merged_backbone_and_loadable_lora(folders, tmp_pat
         for name, p in generator.backbone.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    folder = export_student(generator, tmp_path / "export")
+    folder = export_student(generator, teacher, tmp_path / "export")
     pipe, recipe = load_exported(folder)
     assert recipe["lora"] == "lora" and not any("lora" in k for k in pipe.unet.state_dict())
     noise = torch.randn(1, *teacher.sample_shape)
@@ -130,7 +131,7 @@ def test_regression_step_on_transformer_teachers_and_one_step_export(kind, folde
     assert all(p.grad is None for p in objective.teacher.backbone.parameters())
 
     generator, teacher = objective.generator, objective.teacher
-    pipe, recipe = load_exported(export_student(generator, tmp_path / "export"))
+    pipe, recipe = load_exported(export_student(generator, teacher, tmp_path / "export"))
     noise = torch.randn(1, *teacher.sample_shape)
     extra = {"use_resolution_binning": False} if kind == "pixart" else {}  # 16px is not a PixArt bin
     images = pipe(PROMPT, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"], **extra).images

@@ -7,20 +7,29 @@ import torch
 from stepdistill.config import load_config
 from stepdistill.data import PairDataset
 from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.objectives import build_objective
 from stepdistill.objectives.regression import Regression
 from stepdistill.training import Trainer
+
+
+class ShuffledPairs(Regression):
+    """Test-only defect: the cached targets no longer belong to their noise."""
+
+    def dataset(self):
+        data = super().dataset()
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        data.tensors["x0"] = data.tensors["x0"][perm]
+        return data
 
 
 def run(tmp_path, overrides, shuffle_pairs=False):
     cfg = load_config("configs/regression_gmm.yaml", [f"train.output_dir={tmp_path}", "train.progress=false",
                                                       "train.checkpoint_every=0", *overrides])
-    trainer = Trainer(cfg)
-    if shuffle_pairs:  # test-only defect: targets no longer belong to their noise
-        data = PairDataset(trainer.objective._pair_dir)
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-        data.tensors["x0"] = data.tensors["x0"][perm]
-        trainer.objective.dataset = lambda: data
-        trainer._build_optimizers()
+    objective = None
+    if shuffle_pairs:
+        built = build_objective(cfg)
+        objective = ShuffledPairs(built.teacher, built.generator, built.source, cfg.objective, cfg.data)
+    trainer = Trainer(cfg, objective)
     trainer.train()
     return evaluate_generator(trainer.generator_for_inference(), seed=1)
 
@@ -36,10 +45,8 @@ def test_regression_gmm_reaches_the_mixture_and_shuffled_pairs_fail(tmp_path):
 
 
 def test_pairs_are_cached_once_and_reused(tmp_path):
-    cfg = load_config("configs/regression_gmm.yaml", [f"train.output_dir={tmp_path}", "objective.num_pairs=300",
-                                                      "objective.teacher_steps=5"])
-    from stepdistill.training import build_objective
-
+    cfg = load_config("configs/regression_gmm.yaml", [f"train.output_dir={tmp_path}", "objective.pairs.num=300",
+                                                      "objective.pairs.steps=5"])
     obj = build_objective(cfg, "cpu")
     assert isinstance(obj, Regression)
     obj.prepare_data(str(tmp_path), "cpu")
@@ -61,8 +68,8 @@ def test_cli_train_writes_metrics_checkpoint_and_export(tmp_path):
 
     out = tmp_path / "run"
     code = main(["train", "--config", "configs/regression_gmm.yaml", f"train.output_dir={out}",
-                 "train.max_steps=20", "train.checkpoint_every=10", "objective.num_pairs=512",
-                 "objective.teacher_steps=10", "train.progress=false"])
+                 "train.max_steps=20", "train.checkpoint_every=10", "objective.pairs.num=512",
+                 "objective.pairs.steps=10", "train.progress=false"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 20 and set(metrics["metrics"]) >= {"sw2", "energy", "precision"}

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_utils import (
+    PAUSE_ENV,
+    assert_same,
+    checkpoint_state,
+    checkpoint_steps,
+    make_trainer,
+    tiny_tree,
+    write_config,
+)
 from safetensors.torch import load_file
 
-from reliability_utils import assert_same, checkpoint_state, checkpoint_steps, make_trainer, tiny_tree, write_config
-from stepdistill.training import TEST_PAUSE_ENV, lr_factor
+from stepdistill.config import TrainConfig
+from stepdistill.training.options import lr_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,10 +38,11 @@ def _env(**extra) -> dict:
 
 
 def _start_paused(tree: dict, tmp_path: Path, pause: str) -> subprocess.Popen:
-    """`stepdistill train` in a subprocess that stops at `pause` (see Trainer._test_pause) and waits there."""
+    """`stepdistill train` in a subprocess that stops at `pause` (reliability_utils.PauseAt) and waits there."""
     config = write_config(tree, tmp_path / "run.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "stepdistill.cli", "train", "--config", str(config)],
-                            cwd=REPO, env=_env(**{TEST_PAUSE_ENV: pause}), stdout=subprocess.PIPE,
+    launcher = "import sys, reliability_utils; sys.exit(reliability_utils.cli_with_pause())"
+    proc = subprocess.Popen([sys.executable, "-c", launcher, "train", "--config", str(config)],
+                            cwd=REPO, env=_env(**{PAUSE_ENV: pause}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     marker = Path(tree["train"]["output_dir"]) / "paused"
     deadline = time.monotonic() + 240  # a bound against hangs, not a timing assertion
@@ -138,7 +148,7 @@ def test_two_process_cpu_run(tmp_path):
     assert len({e["weights"] for e in logs[0]}) == 8
     for a, b in zip(*logs):  # each step: disjoint shards of 32 rows per rank
         assert len(a["rows"]) == len(b["rows"]) == 32 and not set(a["rows"]) & set(b["rows"])
-    for epoch in (range(0, 4), range(4, 8)):  # 256 pairs / (2 x 32) = 4 steps: every pair once per epoch
+    for epoch in (range(4), range(4, 8)):  # 256 pairs / (2 x 32) = 4 steps: every pair once per epoch
         rows = [r for s in epoch for log in logs for r in log[s]["rows"]]
         assert len(rows) == len(set(rows)) == 256
     # one checkpoint per save, with one copy of the weights and one RNG state per rank
@@ -149,7 +159,12 @@ def test_two_process_cpu_run(tmp_path):
     assert not list((out / "checkpoints").glob(".tmp-*"))
     # the LR schedule advanced once per training step, not once per process
     sched = checkpoint_state(out / "checkpoints" / "checkpoint-8")["scheduler.bin"]
-    assert sched["_last_lr"][0] == pytest.approx(1e-2 * lr_factor("cosine", 3, 8, 1)(8))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    one_process = lr_scheduler(TrainConfig(lr_scheduler="cosine", lr_warmup_steps=3, max_steps=8), opt, 1)
+    for _ in range(8):
+        opt.step()
+        one_process.step()
+    assert sched["_last_lr"][0] == pytest.approx(one_process.get_last_lr()[0])
     # logs from the main process only
     assert (proc.stdout + proc.stderr).count("skipping incomplete checkpoint") == 1
     weights = load_file(str(out / "final" / "generator.safetensors"))

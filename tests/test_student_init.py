@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from stepdistill.config import load_config
-from stepdistill.training import build_objective
+from stepdistill.objectives import build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,31 @@ def test_student_init_refuses_missing_paths_other_architectures_and_lora(tmp_pat
     save_file(small, str(tmp_path / "small.safetensors"))
     with pytest.raises(ValueError, match="does not fit"):
         generator_state([f"student.init={tmp_path / 'small.safetensors'}"])
-    with pytest.raises(ValueError, match="student.kind=lora"):
+    with pytest.raises(ValueError, match="LoRA weights do not fit"):  # full weights are no adapter
         generator_state(["student.kind=lora", "student.lora_targets=[inp]",
                          f"student.init={tmp_path / 'small.safetensors'}"])
+
+
+def test_lora_student_starts_from_an_exported_lora_students_adapter(tmp_path):
+    """A LoRA student's export holds its adapter (lora.safetensors for MLP students): the next stage of a recipe
+    starts a LoRA student from it, and the adapter weights, not just the base, come back."""
+    from stepdistill.export import export_student
+
+    cfg = load_config(str(ROOT / "configs/dmd2_gmm.yaml"), ["teacher.backbone_hidden=32", "student.kind=lora",
+                                                             "student.lora_targets=[inp, out.1]"])
+    torch.manual_seed(0)  # the analytic teacher's backbone is random: both builds start from the same base
+    first = build_objective(cfg, "cpu")
+    with torch.no_grad():
+        for name, p in first.generator.backbone.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p))
+    export_student(first.generator, first.teacher, tmp_path / "final")
+    assert (tmp_path / "final" / "lora.safetensors").is_file()
+    cfg = load_config(str(ROOT / "configs/dmd2_gmm.yaml"), ["teacher.backbone_hidden=32", "student.kind=lora",
+                                                             "student.lora_targets=[inp, out.1]",
+                                                             f"student.init={tmp_path / 'final'}"])
+    torch.manual_seed(0)
+    second = build_objective(cfg, "cpu").generator.backbone.state_dict()
+    trained = first.generator.backbone.state_dict()
+    assert all(torch.equal(second[k], trained[k]) for k in trained)
+    assert any("lora_" in k for k in trained)

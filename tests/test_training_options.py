@@ -12,17 +12,14 @@ import torch
 from reliability_utils import tiny_tree
 from safetensors import safe_open
 
-from stepdistill import training
 from stepdistill.config import ConfigError, config_from_dict, load_config
 from stepdistill.export import export_student
+from stepdistill.objectives import build_objective
 from stepdistill.teachers.tiny import save_tiny_pipeline
-from stepdistill.training import (
-    Trainer,
-    build_objective,
-    check_distributed,
-    check_fused_adamw,
-    offload_teacher,
-)
+from stepdistill.training import Trainer, accel
+from stepdistill.training import trainer as trainer_module
+from stepdistill.training.accel import check_distributed
+from stepdistill.training.options import check_fused_adamw, offload_teacher
 
 
 def gmm_trainer(out: Path, **train) -> Trainer:
@@ -32,13 +29,8 @@ def gmm_trainer(out: Path, **train) -> Trainer:
 
 
 def run_steps(trainer: Trainer, n: int) -> dict[str, torch.Tensor]:
-    """n training steps as Trainer._loop takes them; the generator's weights after them."""
-    batches = trainer._batches()
-    for _ in range(n):
-        batch = next(batches)
-        trainer._seed_step()
-        trainer.train_step(batch)
-        trainer.step += 1
+    """n training steps as the loop takes them; the generator's weights after them."""
+    trainer.train_steps(n)
     return {k: v.detach().clone() for k, v in trainer.objective.generator.backbone.state_dict().items()}
 
 
@@ -122,8 +114,9 @@ def test_compile_matches_eager_and_keeps_checkpoint_and_export_keys(tmp_path):
     keys = {name: safetensors_keys(f) for name, f in folders.items()}
     assert keys["eager"] == keys["compiled"] and "ema.safetensors" in keys["eager"]
     assert not any("_orig_mod" in k for names in keys["compiled"].values() for k in names)
-    exports = {name: export_student(t.generator_for_inference(), t.output_dir / "final")
-               for name, t in (("eager", eager), ("compiled", compiled))}
+    exports = {name: t.output_dir / "final" for name, t in (("eager", eager), ("compiled", compiled))}
+    for name, t in (("eager", eager), ("compiled", compiled)):
+        export_student(t.generator_for_inference(), t.objective.teacher, exports[name])
     assert safetensors_keys(exports["eager"]) == safetensors_keys(exports["compiled"])
 
     resumed = gmm_trainer(tmp_path / "resumed", ema_decay=0.9, compile=True)
@@ -163,11 +156,11 @@ def test_channels_last_converts_backbones_and_keeps_the_loss(tiny_sd, tmp_path):
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), name
     assert not any(p.is_contiguous(memory_format=torch.channels_last)
                    for p in spatial_convs(plain.objective.generator.backbone))
-    batch = next(plain._batches())
+    batch = next(plain.batches())
     for phase in ("generator", "critic"):
         losses = {}
         for name, t in (("plain", plain), ("fast", fast)):
-            t._seed_step()
+            t.seed_step()
             losses[name] = t.objective.loss(phase, batch, 0)["loss"].detach()
         torch.testing.assert_close(losses["fast"], losses["plain"], rtol=1e-4, atol=1e-6)
 
@@ -178,7 +171,7 @@ def no_teacher_load(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the refusal")
 
-    monkeypatch.setattr(training, "build_objective", refuse)
+    monkeypatch.setattr(trainer_module, "build_objective", refuse)
 
 
 def test_attention_choices_and_missing_xformers_fails_before_the_teacher_loads(tiny_sd, tmp_path, monkeypatch):
@@ -215,13 +208,15 @@ def test_xformers_switches_generator_critic_and_teacher_and_sdpa_keeps_attnproce
 
 # ---------------------------------------------------------------------------------------------- teacher.offload
 @pytest.mark.parametrize("extra, key", [
-    (["objective.critic_lora_rank=4", "objective.critic_shared_base=true"], "objective.critic_shared_base=true"),
-    (["train.compile=true"], "train.compile=true"),
+    (["objective.critic_lora_rank=4", "objective.critic=shared_base"], "this dmd2 config: a trained network uses "
+                                                                      "the teacher's own backbone"),
+    (["train.compile=true"], "train.compile=true: "),
 ])
 def test_teacher_offload_refusals_before_the_teacher_loads(tiny_sd, tmp_path, monkeypatch, extra, key):
     no_teacher_load(monkeypatch)
-    with pytest.raises(ConfigError, match=rf"teacher.offload=true does not work with {key}: .*"
-                                          r"or teacher.offload=false"):
+    with pytest.raises(ConfigError, match=rf"teacher.offload=true does not work with {key}.*"
+                                          r"or set teacher.offload=false|teacher.offload=true does not work with "
+                                          rf"{key}.*or teacher.offload=false"):
         dmd2_sd_trainer(tiny_sd, tmp_path, "teacher.offload=true", *extra)
 
 
@@ -230,8 +225,8 @@ def test_teacher_offload_refuses_lora_base_and_gmm(tiny_sd, tmp_path, monkeypatc
     lcm = load_config(str(Path(__file__).resolve().parents[1] / "configs/lcm_sd15.yaml"), [
         "teacher.kind=auto", f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'lcm'}", "student.kind=lora",
         "objective.teacher_net=lora_base", "teacher.offload=true", "train.report_to=none"])
-    with pytest.raises(ConfigError, match="objective.teacher_net=lora_base: .*LoRA student's base. Set "
-                                          "objective.teacher_net=teacher .* or teacher.offload=false"):
+    with pytest.raises(ConfigError, match="does not work with this consistency config: a trained network uses the "
+                                          "teacher's own backbone.*or set teacher.offload=false"):
         Trainer(lcm)
     gmm = config_from_dict(tiny_tree(tmp_path / "gmm"))
     gmm.teacher.offload = True
@@ -243,7 +238,7 @@ def test_offload_teacher_refuses_a_backbone_shared_with_a_trained_network(tiny_s
     """The structural guard behind the config check: DMD2's shared base holds the critic's trainable LoRA."""
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/dmd2_sd15.yaml"), [
         "teacher.kind=auto", f"teacher.path={tiny_sd}", "objective.real_data=''", "objective.critic_lora_rank=4",
-        "objective.critic_shared_base=true"])
+        "objective.critic=shared_base"])
     objective = build_objective(cfg, "cpu")
     with pytest.raises(ConfigError, match="teacher's backbone has trainable parameters"):
         offload_teacher(objective.teacher, torch.device("cpu"))
@@ -272,10 +267,10 @@ def test_teacher_offload_streams_cpu_weights_and_predicts_bitwise(tiny_sd, tmp_p
     x = torch.randn(2, *teacher.sample_shape)
     t = torch.tensor([999.0, 400.0])
     cond = teacher.encode(["a red circle", "a blue square"])
-    batch = next(trainer._batches())
+    batch = next(trainer.batches())
 
     def outputs() -> tuple[torch.Tensor, torch.Tensor]:
-        trainer._seed_step()
+        trainer.seed_step()
         return (teacher.predict(x, t, cond, guidance=1.75).x0,
                 trainer.objective.loss("generator", batch, 0)["loss"].detach())
 
@@ -322,7 +317,7 @@ def test_trainer_checks_deepspeed_groups_before_prepare(tmp_path, monkeypatch):
         def prepare(self, *args, **kwargs):
             raise AssertionError("accelerate.prepare reached")
 
-    monkeypatch.setattr(training, "Accelerator", DeepSpeedAccelerator)
+    monkeypatch.setattr(accel, "Accelerator", DeepSpeedAccelerator)
     dmd2 = load_config(str(Path(__file__).resolve().parents[1] / "configs/dmd2_gmm.yaml"),
                        [f"train.output_dir={tmp_path / 'dmd2'}", "train.batch_size=8"])
     with pytest.raises(ConfigError, match="optimizer groups .*configs/accelerate/fsdp.yaml"):

@@ -11,10 +11,12 @@ Training step, per sample (LCM Algorithm 1 as restated in the LCM-LoRA report, g
   target = x_s if s is an upper segment's boundary else F_{theta^-}(x_s, s)            (stop-gradient)
   L = d(F_theta(x_t, t), target);  theta^- <- mu theta^- + (1 - mu) theta                (EMA target, LCM Alg. 1)
 omega is the LCM paper's guidance (g = omega + 1 in the diffusers pipelines, `Teacher.predict` form).
-Progressive segment schedules (MLCM, Hyper-SD 8 -> 4 -> 2 -> 1) are `stages`, run by `stepdistill.stages`.
+Progressive segment schedules (MLCM, Hyper-SD 8 -> 4 -> 2 -> 1) are recipes: stages that each start from the
+previous stage's export (`student.init`), run by `stepdistill.recipes`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from stepdistill.config import PairsConfig
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 from stepdistill.schedules import NoiseSchedule, _bcast
-from stepdistill.students import (
-    BaseNetwork,
-    Generator,
-    SegmentGenerator,
-    adapter_layers,
-    frozen_copy,
-    guidance_embedding,
-    public_config,
-)
+from stepdistill.students import Generator, OdeGenerator, RenoiseGenerator, student_schedule
+from stepdistill.students.base import recipe_schedule
+from stepdistill.students.build import public_config
+from stepdistill.students.lora import BaseNetwork, adapter_layers, frozen_copy
 from stepdistill.teachers.base import Cond, Teacher
 
 
@@ -60,12 +58,7 @@ class ConsistencyConfig(ObjectiveConfig):
     # real (the GMM's own samples) | teacher (cached teacher ODE samples, re-noised; data-free) | trajectory
     # (states on cached teacher trajectories over the solver grid, MLCM §3: no forward noising at all)
     data: str = "real"
-    num_pairs: int = 10000  # data=teacher: number of cached teacher samples
-    pair_steps: int = 50  # data=teacher: DDIM steps of the teacher sampler
-    pair_guidance: float = 1.0  # data=teacher: CFG scale (standard form) of the cached samples
-    pair_dir: str = ""
-    pair_seed: int = 0
-    stages: list[dict] = field(default_factory=list)  # [{num_segments: 8, max_steps: N, ...}, ...] (stages.py)
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # data=teacher|trajectory: the cached teacher samples
 
     CHOICES = {"target": ("ema", "online"), "teacher_net": ("teacher", "lora_base"),
                "loss": ("l2", "pseudo_huber"), "data": ("real", "teacher", "trajectory")}
@@ -102,8 +95,14 @@ def lcm_timesteps(grid: Tensor, num_steps: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- networks
-def unwrap(net: nn.Module) -> nn.Module:
-    return getattr(net, "module", net)
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """LCM's w-conditioning: sinusoids of 1000 w with frequencies exp(-log(1e4) j / (dim/2 - 1)), [sin, cos]
+    (VDM's embedding, fed to the UNet as `timestep_cond`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device))
+    args = 1000.0 * w.to(torch.float32)[:, None] * freqs[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def with_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
@@ -122,6 +121,31 @@ def with_guidance_embedding(backbone: nn.Module, dim: int) -> nn.Module:
     return new.to(next(backbone.parameters()).device)
 
 
+class GuidanceEmbeddedGenerator(RenoiseGenerator):
+    """An LCM student whose UNet takes the guidance scale w as an embedding (`timestep_cond`); sampled at one w.
+    The diffusers LCM pipelines embed w = guidance_scale - 1 and skip CFG, so the export records w + 1."""
+
+    def __init__(self, backbone: nn.Module, teacher: Teacher, timesteps: list[float], schedule: NoiseSchedule,
+                 prediction_type: str | None, w: float) -> None:
+        super().__init__(backbone, teacher, timesteps, schedule, prediction_type)
+        self.w, self.embedding_dim = w, backbone.config.time_cond_proj_dim
+
+    def fields(self, cond: Cond, z: Tensor) -> dict[str, Tensor]:
+        w = torch.full((z.shape[0],), self.w, device=z.device)
+        return {**cond.fields, "timestep_cond": guidance_embedding(w, self.embedding_dim)}
+
+    def recipe(self):
+        recipe = super().recipe()
+        recipe.guidance_scale = self.w + 1.0
+        recipe.extra["w"] = self.w
+        return recipe
+
+    @classmethod
+    def from_recipe(cls, backbone, teacher, recipe):
+        return cls(backbone, teacher, recipe["timesteps"], recipe_schedule(teacher, recipe),
+                   recipe["prediction_type"], recipe["w"])
+
+
 # ---------------------------------------------------------------------------------------------- objective
 class Consistency(Objective):
     """LCM (S = 1) and multistep consistency distillation (S > 1) with an EMA or online target."""
@@ -130,39 +154,48 @@ class Consistency(Objective):
     config_class = ConsistencyConfig
     config: ConsistencyConfig
 
-    def __init__(self, teacher: Teacher, generator: Generator, source, config: ConsistencyConfig) -> None:
-        if config.stages:
-            raise ValueError("objective.stages is set: run the stages with `stepdistill train --config FILE` "
-                             "(each stage trains with its own num_segments)")
+    @classmethod
+    def build_generator(cls, teacher: Teacher, backbone: nn.Module, student_cfg, config: ConsistencyConfig
+                        ) -> Generator:
+        """S = 1: the LCM student at `student.timesteps` (with LCM's w embedding, sampled at the middle of the
+        trained w range); S > 1: DDIM jumps between the tops of the segments (MCD sampling)."""
+        schedule, prediction = student_schedule(teacher, student_cfg), student_cfg.prediction_type
+        if config.num_segments > 1:
+            grid = schedule.skipping_step_grid(config.num_ddim_timesteps)
+            return OdeGenerator(backbone, teacher, segment_timesteps(grid, config.num_segments), schedule, prediction)
+        if config.guidance_embedding_dim:
+            return GuidanceEmbeddedGenerator(with_guidance_embedding(backbone, config.guidance_embedding_dim),
+                                             teacher, student_cfg.timesteps, schedule, prediction,
+                                             (config.w_min + config.w_max) / 2)
+        return RenoiseGenerator(backbone, teacher, student_cfg.timesteps, schedule, prediction)
+
+    def __init__(self, teacher: Teacher, generator: Generator, source, config: ConsistencyConfig, data=None) -> None:
         if config.w_min > config.w_max:
             raise ValueError(f"objective.w_min ({config.w_min}) must not exceed objective.w_max ({config.w_max})")
-        if config.data == "trajectory" and not config.w_min == config.w_max == config.pair_guidance - 1:
+        if config.data == "trajectory" and not config.w_min == config.w_max == config.pairs.guidance - 1:
             raise ValueError("objective.data=trajectory caches the teacher's trajectories at one guidance scale: set "
-                             "objective.w_min = objective.w_max = objective.pair_guidance - 1")
+                             "objective.w_min = objective.w_max = objective.pairs.guidance - 1")
         if config.target == "ema" and not 0.0 <= config.ema_decay < 1.0:
             raise ValueError(f"objective.ema_decay must lie in [0, 1), got {config.ema_decay}")
-        super().__init__(teacher, generator, source, config)
+        super().__init__(teacher, generator, source, config, data)
         schedule: NoiseSchedule = teacher.schedule
         self.grid = schedule.skipping_step_grid(config.num_ddim_timesteps)
         self.skip = schedule.num_train_timesteps // config.num_ddim_timesteps
         self.boundaries = segment_boundaries(self.grid, config.num_segments)
-        guidance_w = None
-        if config.guidance_embedding_dim:
-            generator.backbone = with_guidance_embedding(generator.backbone, config.guidance_embedding_dim)
-            guidance_w = (config.w_min + config.w_max) / 2  # sampling w: the middle of the trained range
-        cls = SegmentGenerator if config.num_segments > 1 else Generator
-        timesteps = segment_timesteps(self.grid, config.num_segments) if config.num_segments > 1 else \
-            generator.timesteps
-        self.generator = cls(generator.backbone, teacher, timesteps, generator.prediction_type, guidance_w)
         self._base: list[nn.Module] = []  # teacher_net=lora_base: the student's base (a plain list: no submodule)
         if config.teacher_net == "lora_base":
-            if not adapter_layers(self.generator.backbone):
+            if not adapter_layers(generator.backbone):
                 raise ValueError("objective.teacher_net=lora_base needs a LoRA student (student.kind: lora)")
-            self._base.append(BaseNetwork(self.generator.backbone))
-            if hasattr(teacher, "share_backbone"):  # one backbone in memory: the teacher's own copy is dropped
+            self._base.append(BaseNetwork(generator.backbone))
+            if teacher.backbone is not None:  # one backbone in memory: the teacher's own copy is dropped
                 teacher.share_backbone(self._base[0])
-        # the EMA target starts from the online weights (a stage load resets it); checkpointed by the trainer
-        self.target_backbone = frozen_copy(unwrap(self.generator.backbone)) if config.target == "ema" else None
+        # the online parameters by name, kept from before any wrapping (the EMA update reads them)
+        self._online = dict(generator.backbone.named_parameters())
+        self.target_backbone = frozen_copy(generator.backbone) if config.target == "ema" else None
+
+    @classmethod
+    def shares_teacher_backbone(cls, config: ConsistencyConfig) -> bool:
+        return config.teacher_net == "lora_base"
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
@@ -173,14 +206,12 @@ class Consistency(Objective):
     def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
         c = self.config
         if c.data == "real":
-            if not hasattr(self.teacher, "mixture"):
+            if self.teacher.mixture is None:
                 raise ValueError("objective.data=real needs a teacher with its own data (the GMM teacher); use "
                                  "objective.data=teacher for data-free distillation on teacher samples")
             return
         states = self.grid.flip(0).tolist() if c.data == "trajectory" else None
-        self._pair_dir = generate_pairs(self.teacher, self.source, c.pair_dir or Path(output_dir) / "pairs",
-                                        c.num_pairs, c.pair_steps, c.pair_guidance, c.pair_seed, device=device,
-                                        state_timesteps=states)
+        self._pair_dir = generate_pairs(self.teacher, self.source, c.pairs, output_dir, device, states)
 
     def dataset(self) -> Dataset:
         return super().dataset() if self.config.data == "real" else PairDataset(self._pair_dir)
@@ -260,17 +291,10 @@ class Consistency(Objective):
         """theta^- <- mu theta^- + (1 - mu) theta on the trainable parameters (LCM Algorithm 1)."""
         if self.target_backbone is None:
             return
-        online = dict(unwrap(self.generator.backbone).named_parameters())
         for name, p_target in self.target_backbone.named_parameters():
-            p = online[name]
+            p = self._online[name]
             if p.requires_grad:
                 p_target.lerp_(p.detach().to(p_target.dtype), 1.0 - self.config.ema_decay)
-
-    def load_student_state(self, state: dict[str, Tensor]) -> None:
-        """Start from another run's student weights (a previous stage); the EMA target restarts from them."""
-        unwrap(self.generator.backbone).load_state_dict(state)
-        if self.target_backbone is not None:
-            self.target_backbone.load_state_dict(state)
 
     def checkpoint_modules(self) -> list[nn.Module]:
         """The EMA target: state beyond the optimizers that a resume must restore."""

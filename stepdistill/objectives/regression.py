@@ -5,12 +5,13 @@ DMD (Yin et al. 2024, Eq. 9) uses it as L_reg on cached noise/image pairs; recti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from stepdistill.config import PairsConfig
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 
@@ -23,11 +24,7 @@ class RegressionConfig(ObjectiveConfig):
     max_grad_norm: float = 1.0
     loss: str = "l2"  # l2 | pseudo_huber
     huber_c: float = 0.001
-    num_pairs: int = 10000
-    teacher_steps: int = 50  # DDIM/Euler steps of the teacher's ODE
-    guidance: float = 1.0  # teacher CFG scale for the pairs (standard form; 1 = off)
-    pair_dir: str = ""  # default: <output_dir>/pairs
-    pair_seed: int = 0
+    pairs: PairsConfig = field(default_factory=PairsConfig)
 
     CHOICES = {"loss": ("l2", "pseudo_huber")}
 
@@ -43,16 +40,14 @@ class Regression(Objective):
                                max_grad_norm=c.max_grad_norm)]
 
     def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
-        """Generate (or reuse) the pair cache; runs once before training, on the main process."""
-        c = self.config
-        self._pair_dir = generate_pairs(self.teacher, self.source, c.pair_dir or Path(output_dir) / "pairs",
-                                        c.num_pairs, c.teacher_steps, c.guidance, c.pair_seed, device=device)
+        self._pair_dir = generate_pairs(self.teacher, self.source, self.config.pairs, output_dir, device)
 
     def dataset(self) -> Dataset:
         return PairDataset(self._pair_dir)
 
     def loss(self, phase: str, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         cond = self.source.encode(batch["cond_index"]).to(self.device)
-        x0_student = self.generator(batch["noise"].to(self.device), cond, 0)
+        noise = batch["noise"].to(self.device)
+        x0_student = self.generator(noise, cond, self.generator.time(0, noise))
         loss = reconstruction_loss(x0_student, batch["x0"].to(self.device), self.config.loss, self.config.huber_c)
         return {"loss": loss}

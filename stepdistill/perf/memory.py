@@ -4,19 +4,19 @@ there), and a recommendation of options that make it fit a GPU of a given size."
 from __future__ import annotations
 
 import copy
-import dataclasses
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from stepdistill.config import Config, teacher_offload_refusal
-from stepdistill.objectives import REGISTRY, Objective
+from stepdistill.config import Config, config_from_dict, config_to_dict, parse_overrides
+from stepdistill.objectives import Objective, build_objective, objective_class
 from stepdistill.objectives.base import get_module
+from stepdistill.training.options import enable_gradient_checkpointing, teacher_offload_refusal
 
 GiB = 2**30
 # Optimizer state bytes per trainable parameter by train.optimizer: AdamW's exp_avg + exp_avg_sq in fp32; bitsandbytes'
@@ -111,17 +111,11 @@ def trainable_modules(objective: Objective) -> dict[str, nn.Module]:
 
 
 def phase_forward(objective: Objective, phase: str, batch_size: int, device: torch.device) -> Callable[[], Tensor]:
-    """The forward with gradient that a phase backpropagates through: the generator's output, or a critic-style
-    module called as (x_t, t, fields)."""
-    teacher = objective.teacher
-    group = next(g for g in objective.optimizer_groups() if g.name == phase)
-    x = torch.randn((batch_size, *teacher.sample_shape), device=device)
+    """The forward with gradient that a phase backpropagates through (the objective's `trace_phase`)."""
+    x = torch.randn((batch_size, *objective.teacher.sample_shape), device=device)
     t = torch.full((batch_size,), 500.0, device=device)
     cond = condition_like(objective, batch_size, device)
-    if group.module == "generator.backbone":
-        return lambda: objective.generator.output(x, cond, 0)
-    net = get_module(objective, group.module)
-    return lambda: net(x, t, cond.fields)[0]
+    return lambda: objective.trace_phase(phase, x, t, cond)
 
 
 def condition_like(objective: Objective, batch_size: int, device: torch.device):
@@ -172,17 +166,15 @@ def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16
         raise ValueError("teacher_offload: this objective's teacher backbone is shared with a trained network")
     modules = trainable_modules(objective)
     if gradient_checkpointing:
+        enable_gradient_checkpointing(objective)  # the trainer's own: every trained diffusers model
         for m in modules.values():
-            target = getattr(m, "fake_score", m)
-            if hasattr(target, "enable_gradient_checkpointing"):
-                target.enable_gradient_checkpointing()
-                target.train()
+            m.train()
     trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
     teacher_parts = {f"teacher.{k}": v for k, v in objective.teacher.pipe.components.items()
                      if isinstance(v, nn.Module) and v is not objective.teacher.backbone}
     teacher_parts["teacher.backbone"] = objective.teacher.backbone
     by_module = {k: storage_bytes(m.parameters()) for k, m in teacher_parts.items()}
-    # a module the objective shares with the teacher (DMD2's critic_shared_base) is counted once, as the teacher's
+    # a module the objective shares with the teacher (a shared-base critic) is counted once, as the teacher's
     counted = {p.untyped_storage()._cdata for m in teacher_parts.values() for p in m.parameters()}
     own = storage_bytes(t for t in [*objective.parameters(), *objective.buffers()]
                         if t.untyped_storage()._cdata not in counted)
@@ -203,34 +195,41 @@ def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16
 
 def separate_teacher(objective: Objective) -> bool:
     """Whether the teacher's backbone is a frozen module of its own (teacher.offload can move it to CPU), not
-    shared with a trained network (DMD2's critic_shared_base, consistency's teacher_net=lora_base)."""
+    shared with a trained network (a shared-base critic, consistency's teacher_net=lora_base)."""
     backbone = objective.teacher.backbone
     trained = {p.untyped_storage()._cdata for p in objective.parameters() if p.requires_grad}
     return not any(p.requires_grad or p.untyped_storage()._cdata in trained for p in backbone.parameters())
 
 
 ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl"}
-SHARED_CRITIC_RANK = 64  # when the config has no critic rank: the LoRA rank of the MSD and SNOOPI recipes
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of `cfg` with dotted overrides applied (validated like any config)."""
+    tree = config_to_dict(cfg)
+    for key, value in parse_overrides(overrides):
+        section, *rest = key.split(".")
+        node = tree[section]
+        for part in rest[:-1]:
+            node = node[part]
+        node[rest[-1]] = value
+    return config_from_dict(tree)
 
 
 def build_meta_objective(cfg: Config, model: str | None = None) -> Objective:
     """The config's objective with a random-architecture teacher (`model`, default from teacher.kind) on the
     meta device: shapes and dtypes of everything, no memory."""
-    from stepdistill.data import ConditionSource
     from stepdistill.perf.arch import build_teacher
-    from stepdistill.students import build_student
 
     model = model or ARCH_OF_KIND.get(cfg.teacher.kind)
     if model is None:
         raise ValueError(f"plan knows the architectures {sorted(ARCH_OF_KIND)} (teacher.kind), got "
                          f"{cfg.teacher.kind!r}: pass --model tiny-sd|tiny-sdxl|sd15|sdxl")
     teacher_dtype = torch.float32 if cfg.teacher.dtype == "fp32" else torch.bfloat16
+    meta_cfg = with_overrides(cfg, objective_class(cfg.objective.name).plan_hints(cfg).meta_overrides)
     with torch.device("meta"):
         teacher = build_teacher(model, "meta", teacher_dtype)
-        objective_cfg = dataclasses.replace(cfg.objective, real_data="") if hasattr(cfg.objective, "real_data") \
-            else cfg.objective
-        return REGISTRY[cfg.objective.name](teacher, build_student(teacher, cfg.student),
-                                            ConditionSource(teacher, ["a"]), objective_cfg)
+        return build_objective(meta_cfg, "meta", teacher=teacher, prompts=["a"])
 
 
 def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bool | None = None,
@@ -243,7 +242,7 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
     the config keys to `set`."""
     if bitsandbytes is None:
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes
 
             bitsandbytes = True
         except ImportError:
@@ -270,12 +269,8 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
         name, note, options, keys = ladder
         candidates.append((f"{name} + teacher offload{note}", offload, {**options, "teacher_offload": True},
                            keys + ["teacher.offload=true"]))
-    if cfg.objective.name == "dmd2" and not cfg.objective.critic_shared_base and not cfg.teacher.offload:
-        shared = copy.deepcopy(cfg)  # the critic as a LoRA in the teacher's own backbone: no second full UNet
-        shared.objective.critic_lora_rank = shared.objective.critic_lora_rank or SHARED_CRITIC_RANK
-        shared.objective.critic_shared_base = True
-        candidates.append(("gradient checkpointing + shared-base LoRA critic", shared, ckpt, set_ckpt + [
-            f"objective.critic_lora_rank={shared.objective.critic_lora_rank}", "objective.critic_shared_base=true"]))
+    for name, keys in objective_class(cfg.objective.name).plan_hints(cfg).rungs:  # the objective's own savings
+        candidates.append((f"gradient checkpointing + {name}", with_overrides(cfg, keys), ckpt, set_ckpt + keys))
     if cfg.student.kind != "lora":
         lora = copy.deepcopy(cfg)
         lora.student.kind = "lora"

@@ -8,29 +8,30 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stepdistill.config import load_config
-from stepdistill.data import DEFAULT_PROMPTS, ConditionSource
-from stepdistill.objectives import REGISTRY
+from stepdistill.config import StudentConfig, load_config
+from stepdistill.data import DEFAULT_PROMPTS
+from stepdistill.objectives import build_objective, objective_class
+from stepdistill.objectives.base import get_module
 from stepdistill.perf.arch import build_teacher
-from stepdistill.students import StudentConfig, build_student
+from stepdistill.perf.memory import with_overrides
+from stepdistill.students import RenoiseGenerator, build_backbone
 from stepdistill.training import Trainer
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # dense bf16 tensor-core peak of the datasheets (SXM parts), for MFU
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
 OBJECTIVE_CONFIGS = {  # objective -> preset config per architecture family
-    "dmd2": {"sd": "dmd2_sd15.yaml", "sdxl": "dmd2_sdxl_1step.yaml"},
-    "lcm": {"sd": "lcm_sd15.yaml", "sdxl": "lcm_lora_sdxl.yaml"},
-    "regression": {"sd": "regression_sd15.yaml", "sdxl": "regression_sdxl.yaml"},
+    "dmd2": {"sd": "dmd2_sd15", "sdxl": "dmd2_sdxl_1step"},
+    "lcm": {"sd": "lcm_sd15", "sdxl": "lcm_lora_sdxl"},
+    "regression": {"sd": "regression_sd15", "sdxl": "regression_sdxl"},
 }
 
 
@@ -151,11 +152,10 @@ def released(device: torch.device) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- training
-class BenchTrainer(Trainer):
-    """The trainer over a prebuilt random-weight teacher: the teacher source check is skipped (no folder)."""
-
-    def _check_inputs(self) -> None:
-        self.real_images = None
+def phase_cycle(objective, horizon: int = 64) -> int:
+    """The period of the objective's phase schedule (DMD2's critic_updates), read off its first `horizon` steps."""
+    pattern = [tuple(objective.phases(s)) for s in range(horizon)]
+    return next(p for p in range(1, horizon) if all(pattern[i] == pattern[i % p] for i in range(horizon)))
 
 
 def family(model: str) -> str:
@@ -183,19 +183,18 @@ def option_overrides(option: str) -> list[str]:
 
 def bench_config(objective: str, model: str, batch: int, option: str, device: torch.device, out_dir: str):
     """The preset config of `objective` with benchmark overrides (no logs, checkpoints or previews; a pair
-    cache of one batch from a 1-step teacher, since pair generation is not what is measured) and the config
-    keys of `option`."""
+    cache of one batch from a 1-step teacher, since pair generation is not what is measured; the planner's
+    meta-build overrides, e.g. no real data) and the config keys of `option`."""
     mp = "no" if option == "fp32_tf32" or device.type == "cpu" else "bf16"
     overrides = [f"train.output_dir={out_dir}", f"train.batch_size={batch}", "train.report_to=none",
                  "train.checkpoint_every=0", "train.validate_every=0", "train.progress=false", "train.ema_decay=0",
                  f"train.mixed_precision='{mp}'", "train.overwrite=true", "train.gradient_checkpointing=false",
                  *option_overrides(option)]
-    cfg = load_config(str(CONFIGS / OBJECTIVE_CONFIGS[objective][family(model)]), overrides)
-    for key, value in (("num_pairs", batch), ("teacher_steps", 1), ("pair_steps", 1)):
-        if hasattr(cfg.objective, key):
-            setattr(cfg.objective, key, value)
-    if hasattr(cfg.objective, "real_data"):
-        cfg.objective.real_data = ""
+    cfg = load_config(OBJECTIVE_CONFIGS[objective][family(model)], overrides)
+    cfg = with_overrides(cfg, objective_class(cfg.objective.name).plan_hints(cfg).meta_overrides)
+    pairs = getattr(cfg.objective, "pairs", None)
+    if pairs is not None:
+        pairs.num, pairs.steps = batch, 1
     return cfg
 
 
@@ -208,14 +207,12 @@ def bench_training(objective_name: str, model: str, batch: int, option: str, pre
         cfg = bench_config(objective_name, model, batch, option, device, tmp)
         teacher_dtype = torch.float32 if option == "fp32_tf32" or device.type == "cpu" else torch.bfloat16
         teacher = build_teacher(model, device, teacher_dtype)
-        objective = REGISTRY[cfg.objective.name](teacher, build_student(teacher, cfg.student),
-                                                 ConditionSource(teacher, DEFAULT_PROMPTS), cfg.objective)
-        trainer = BenchTrainer(cfg, objective)
-        batch_data = next(trainer._batches())
-        modules = {"generator": objective.generator.backbone, "teacher": teacher.backbone}
-        if hasattr(objective, "critic"):
-            modules["critic"] = objective.critic.fake_score
-        cycle = getattr(objective.config, "critic_updates", 1)
+        objective = build_objective(cfg, device, teacher=teacher, prompts=DEFAULT_PROMPTS)
+        trainer = Trainer(cfg, objective)
+        batch_data = next(trainer.batches())
+        modules = {g.name: get_module(objective, g.module) for g in objective.optimizer_groups()}
+        modules["teacher"] = teacher.backbone
+        cycle = phase_cycle(objective)
         kinds: dict[str, int] = {}
         for s in range(cycle):
             kinds.setdefault("+".join(objective.phases(s)), s)
@@ -274,10 +271,9 @@ def max_batch(model: str, sizes: list[int], preset: Preset, device: torch.device
             with tempfile.TemporaryDirectory() as tmp, released(device):
                 cfg = bench_config("dmd2", model, n, "bf16", device, tmp)
                 teacher = build_teacher(model, device, torch.bfloat16)
-                objective = REGISTRY["dmd2"](teacher, build_student(teacher, cfg.student),
-                                             ConditionSource(teacher, DEFAULT_PROMPTS), cfg.objective)
-                trainer = BenchTrainer(cfg, objective)
-                trainer.train_step(next(trainer._batches()))
+                objective = build_objective(cfg, device, teacher=teacher, prompts=DEFAULT_PROMPTS)
+                trainer = Trainer(cfg, objective)
+                trainer.train_step(next(trainer.batches()))
                 sync(device)
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 del trainer, objective, teacher
@@ -297,7 +293,7 @@ def bench_sampling(model: str, preset: Preset, device: torch.device) -> list[dic
     with released(device):
         teacher = build_teacher(model, device, dtype)
         teacher.pipe.vae.to(dtype)  # bf16 decode for student and teacher alike (SD/SDXL VAEs hold bf16 range)
-        generator = build_student(teacher, StudentConfig()).to(device, dtype).eval()
+        generator = RenoiseGenerator(build_backbone(teacher, StudentConfig()), teacher, [999]).to(device, dtype).eval()
         n_big = preset.sample_batch[model]
         conds = {n: teacher.encode([DEFAULT_PROMPTS[0]] * n) for n in (1, n_big)}
 

@@ -1,4 +1,49 @@
-"""Export of students to diffusers pipeline folders and loading them back."""
-from stepdistill.pipelines.export import RECIPE_FILE, export_student_pipeline, load_exported
+"""Loading what stepdistill exports: `load_exported` is the one loader of students (and of plain diffusers pipeline
+folders, such as a teacher), used by evaluation, the demo and the COCO protocol."""
+from __future__ import annotations
 
-__all__ = ["RECIPE_FILE", "export_student_pipeline", "load_exported"]
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from stepdistill.export.diffusers_student import RECIPE_FILE
+
+# product name -> loader(folder, recipe, **from_pretrained_kwargs) -> pipeline; objectives with their own export
+# product (a routed pipeline, a custom pipeline class) register theirs
+PRODUCT_LOADERS: dict[str, Callable] = {}
+
+
+def register_product_loader(product: str, loader: Callable) -> None:
+    PRODUCT_LOADERS[product] = loader
+
+
+def _diffusers(folder: Path, recipe: dict, **kwargs):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+
+
+register_product_loader("diffusers", _diffusers)
+
+
+def load_exported(folder: str | Path, **from_pretrained_kwargs):
+    """(pipeline, recipe) of an exported student: sample with `pipe(prompt, **recipe["pipeline_kwargs"])`. A plain
+    diffusers pipeline folder (no stepdistill.json) loads with an empty recipe."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give an exported student (final/) or a diffusers "
+                                "pipeline folder")
+    if not (folder / RECIPE_FILE).is_file():
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder} is neither a student exported by stepdistill (no {RECIPE_FILE}) nor "
+                                    "a diffusers pipeline folder (no model_index.json)")
+        return _diffusers(folder, {}, **from_pretrained_kwargs), {}
+    recipe = json.loads((folder / RECIPE_FILE).read_text())
+    product = recipe.get("product", "diffusers")
+    if product not in PRODUCT_LOADERS:
+        raise ValueError(f"{folder} holds a {product!r} export; known products: {sorted(PRODUCT_LOADERS)} (import "
+                         "the objective that writes it)")
+    return PRODUCT_LOADERS[product](folder, recipe, **from_pretrained_kwargs), recipe
+
+
+__all__ = ["RECIPE_FILE", "load_exported", "register_product_loader"]

@@ -7,12 +7,13 @@ backbone of its architecture (`call`), which is how students and fake-score crit
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from stepdistill.guidance import apply_guidance
 from stepdistill.schedules import NoiseSchedule
 
 
@@ -32,13 +33,13 @@ class Cond:
     def __len__(self) -> int:
         return self.batch_size
 
-    def index(self, idx: Tensor | slice) -> "Cond":
+    def index(self, idx: Tensor | slice) -> Cond:
         fields = {k: v[idx] for k, v in self.fields.items()}
         null = {k: v[idx] for k, v in self.null.items()}
         n = len(range(self.batch_size)[idx]) if isinstance(idx, slice) else int(torch.as_tensor(idx).numel())
         return Cond(fields, null, n)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Cond":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
         def move(v: Tensor) -> Tensor:
             return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
 
@@ -50,7 +51,7 @@ class Cond:
         return _cat_fields([self.null, self.fields]) if self.fields else {}
 
     @staticmethod
-    def cat(conds: Sequence["Cond"]) -> "Cond":
+    def cat(conds: Sequence[Cond]) -> Cond:
         if not conds[0].fields:
             return Cond({}, {}, sum(c.batch_size for c in conds))
         return Cond(_cat_fields([c.fields for c in conds]), _cat_fields([c.null for c in conds]),
@@ -63,20 +64,44 @@ class Prediction:
     eps: Tensor
 
 
-def apply_guidance(out_uncond: Tensor, out_cond: Tensor, w: float | Tensor) -> Tensor:
-    """Classifier-free guidance in the standard (Imagen / diffusers pipeline) form: uncond + w (cond - uncond).
-    w = 1 is the conditional model; the LCM paper's omega equals w - 1."""
-    if isinstance(w, Tensor) and w.ndim == 1:
-        w = w.reshape(-1, *([1] * (out_cond.ndim - 1))).to(out_cond.dtype)
-    return out_uncond + w * (out_cond - out_uncond)
-
-
 class Teacher(ABC):
-    """A frozen diffusion model behind one interface."""
+    """A frozen diffusion model behind one interface. Capabilities are declared here with their defaults (a
+    teacher that has a pipeline, a network backbone or images says so), never probed with hasattr."""
 
     schedule: NoiseSchedule
     sample_shape: tuple[int, ...]  # one sample's latent shape, without the batch dimension
     device: torch.device = torch.device("cpu")
+    identity: str = ""  # what cached teacher outputs are keyed by (kind, path, revision, dtype)
+    needs_prompts: bool = False  # conditions are prompt strings (else class labels)
+    num_classes: int = 0  # class-conditional teachers: the number of classes (the null class is num_classes)
+    backbone: nn.Module | None = None  # the frozen denoising network, where there is one
+    backbone_name: str = ""  # its component name in the pipeline ("unet" | "transformer")
+    pipe = None  # the diffusers pipeline, where the teacher is one (export reuses its components)
+    resolution_multiple: int | None = None  # image side lengths must be multiples of this (latent teachers)
+    mixture = None  # the true data distribution, where the teacher knows it (the analytic GMM teacher)
+
+    @property
+    def makes_images(self) -> bool:
+        """Whether samples decode to images (a latent teacher with a VAE)."""
+        return self.resolution_multiple is not None
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images [B, 3, H, W] in [0, 1]."""
+        raise ValueError(f"the {type(self).__name__} teacher does not make images")
+
+    def set_resolution(self, pixels: int) -> None:
+        """Produce `pixels` x `pixels` images (data.resolution)."""
+        raise ValueError(f"data.resolution={pixels}: the {type(self).__name__} teacher does not make images; set "
+                         "data.resolution=0")
+
+    def share_backbone(self, net: nn.Module) -> None:
+        """Denoise with `net` (a LoRA network's base view) instead of the teacher's own backbone, which is dropped:
+        one set of frozen weights in memory."""
+        raise ValueError(f"the {type(self).__name__} teacher has no network backbone to share")
+
+    def probe_condition(self) -> list:
+        """One condition of this teacher's kind (the null prompt or class 0), for shape probes."""
+        return [""] if self.needs_prompts else [0]
 
     @abstractmethod
     def encode(self, prompts: Sequence | Tensor) -> Cond:

@@ -7,8 +7,9 @@ DMD2 and LCM do). The frozen backbone runs in bf16 on CUDA and fp32 on CPU; outp
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +35,27 @@ class DiffusersTeacher(Teacher):
             if isinstance(component, nn.Module):
                 component.requires_grad_(False).eval()
         self.backbone: nn.Module = getattr(pipe, self.backbone_name)
+        self.resolution_multiple = pipe.vae_scale_factor * self._patch_size()
         self.schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
         size = self.backbone.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (self.backbone.config.in_channels, height, width)
         self._cache: dict[str, dict[str, Tensor]] = {}  # per prompt string, batch of 1, on CPU
         self._null: dict[str, Tensor] | None = None
+
+    def _patch_size(self) -> int:
+        """Latent pixels per backbone token side: the patch size of DiT/MMDiT transformers, 1 for UNets (which
+        take any latent size)."""
+        return int(self.backbone.config.get("patch_size") or 1)
+
+    def set_resolution(self, pixels: int) -> None:
+        """Produce `pixels` x `pixels` images: latents of side pixels / vae_scale_factor (data.resolution)."""
+        if pixels % self.resolution_multiple:
+            fit = max(self.resolution_multiple, round(pixels / self.resolution_multiple) * self.resolution_multiple)
+            raise ValueError(f"data.resolution={pixels} is not a multiple of {self.resolution_multiple}, which the "
+                             f"teacher's VAE and backbone need: use e.g. data.resolution={fit}")
+        side = pixels // self.pipe.vae_scale_factor
+        self.sample_shape = (self.sample_shape[0], side, side)
 
     # ------------------------------------------------------------------ conditioning
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -100,11 +116,6 @@ class DiffusersTeacher(Teacher):
         z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
         return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
 
-    def export_pipeline(self, generator, folder: str | Path) -> None:
-        """The teacher's pipeline with the student's backbone and a scheduler that reproduces its timesteps."""
-        from stepdistill.pipelines.export import export_student_pipeline
-
-        export_student_pipeline(self.pipe, self.backbone_name, generator, Path(folder), teacher_identity=self.identity)
 
 
 class SDTeacher(DiffusersTeacher):
@@ -222,7 +233,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(path: str, local_files_only: bool = False, revision: str = "", variant: str = "",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """`DiffusionPipeline.from_pretrained` on a local folder or hub id, with errors that say what to pass."""
     from diffusers import DiffusionPipeline
 
@@ -231,6 +242,8 @@ def load_pipeline(path: str, local_files_only: bool = False, revision: str = "",
                          "e.g. teacher.path=/path/to/pipeline_folder")
     # the VAE only decodes pictures: fp32 avoids the fp16/bf16 NaN / black-image problem
     kwargs = {"dtype": {"default": dtype, "vae": torch.float32}, "local_files_only": local_files_only}
+    if trust_remote_code:  # custom component code, allowed only after the config check named it
+        kwargs["trust_remote_code"] = True
     if revision:
         kwargs["revision"] = revision
     if variant:
@@ -259,7 +272,7 @@ def load_diffusers_teacher(cfg, device: torch.device | str = "cpu") -> Diffusers
     """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|auto) describes, loaded onto `device`."""
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    pipe = load_pipeline(cfg.path, cfg.local_files_only, cfg.revision, cfg.variant, dtype)
+    pipe = load_pipeline(cfg.path, cfg.local_files_only, cfg.revision, cfg.variant, dtype, cfg.trust_remote_code)
     kind = detect_kind(pipe)
     if cfg.kind not in ("auto", kind):
         raise ValueError(f"teacher.kind is {cfg.kind!r} but {cfg.path} holds a {kind} pipeline "

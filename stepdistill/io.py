@@ -1,9 +1,13 @@
-"""Loading weights safely: safetensors, or torch.load(weights_only=True); a pickle that holds Python objects
-beyond tensors is refused, because unpickling it could run arbitrary code."""
+"""Files: atomic writes (a temporary sibling renamed into place, so an interruption leaves nothing half-written)
+and safe loading of weights (safetensors, or torch.load(weights_only=True); a pickle that holds Python objects
+beyond tensors is refused, because unpickling it could run arbitrary code)."""
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,3 +39,29 @@ def load_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UnsafeFileError(f"{p} is not a state dict of tensors (got {type(state).__name__})")
     return state
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file through a temporary sibling and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder to fill; on success it replaces `path`, on any error it is removed
+    and `path` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

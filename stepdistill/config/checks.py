@@ -1,0 +1,71 @@
+"""Checks of a teacher source that need no model: the folder exists and is a diffusers pipeline, custom code is
+allowed, a hub id is cached when offline."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+from stepdistill.config.schema import ConfigError, TeacherConfig
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+TRUSTED_LIBRARIES = {"diffusers", "transformers", None}
+
+
+def check_teacher_source(cfg: TeacherConfig) -> None:
+    """Fail fast on a teacher that cannot load: no path, a missing folder, a folder that is not a diffusers
+    pipeline, custom code without trust_remote_code, or a hub id that is not cached while offline."""
+    if cfg.kind == "gmm":
+        if cfg.path:
+            raise ConfigError("teacher.path is set but teacher.kind is gmm: set teacher.kind to "
+                              "sd/sdxl/pixart/sd3/auto, or clear teacher.path")
+        return
+    if not cfg.path:
+        raise ConfigError(f"teacher.path is empty for teacher.kind={cfg.kind}: give a local diffusers pipeline "
+                          "folder or a hub id such as stabilityai/sd-turbo")
+    path = Path(cfg.path).expanduser()
+    if path.exists():
+        _check_pipeline_folder(path, cfg.trust_remote_code)
+        return
+    if not HUB_ID.match(cfg.path) or cfg.path.startswith((".", "/", "~")):
+        raise ConfigError(f"teacher.path {cfg.path}: model folder does not exist; check the path, or give a hub id "
+                          "such as stabilityai/sd-turbo")
+    offline = cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.path, "model_index.json", revision=cfg.revision or None)
+        if not isinstance(cached, str):
+            raise ConfigError(f"teacher.path {cfg.path} is a hub id but the hub is offline (HF_HUB_OFFLINE=1 or "
+                              "teacher.local_files_only=true) and it is not in the local cache: run "
+                              f"`huggingface-cli download {cfg.path}` where there is internet, or point teacher.path "
+                              "at a local pipeline folder")
+
+
+def _trusted_library(name: str | None) -> bool:
+    """diffusers, transformers, or a diffusers pipeline module (old SD folders name "stable_diffusion")."""
+    if name in TRUSTED_LIBRARIES:
+        return True
+    spec = importlib.util.find_spec("diffusers")  # locates diffusers without importing it
+    return bool(spec and spec.origin and re.fullmatch(r"\w+", name)
+                and (Path(spec.origin).parent / "pipelines" / name).is_dir())
+
+
+def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise ConfigError(f"teacher.path {path} is not a diffusers pipeline folder (no model_index.json): give the "
+                          "folder that save_pretrained wrote, or a hub id")
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"teacher.path {path}: model_index.json is not valid JSON ({e}); re-download the "
+                          "pipeline") from e
+    custom = sorted(name for name, value in spec.items() if isinstance(value, list) and len(value) == 2
+                    and not _trusted_library(value[0]))
+    custom += sorted(str(p.relative_to(path)) for p in path.rglob("*.py"))
+    if custom and not trust_remote_code:
+        raise ConfigError(f"teacher.path {path} needs custom code ({', '.join(custom)}), which runs arbitrary Python; "
+                          "read it, then set teacher.trust_remote_code=true to allow it")

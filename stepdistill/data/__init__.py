@@ -1,0 +1,12 @@
+"""Data: conditions (prompts, class labels), teacher pair caches, and the one source of real images."""
+from stepdistill.data.conditions import (
+    DEFAULT_PROMPTS,
+    ConditionDataset,
+    ConditionSource,
+    read_prompts,
+)
+from stepdistill.data.images import ImageFolderDataset, RealImages
+from stepdistill.data.pairs import PairDataset, generate_pairs, pair_dir
+
+__all__ = ["DEFAULT_PROMPTS", "ConditionDataset", "ConditionSource", "ImageFolderDataset", "PairDataset",
+           "RealImages", "generate_pairs", "pair_dir", "read_prompts"]

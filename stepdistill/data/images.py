@@ -1,0 +1,156 @@
+"""Real images: one source for every objective with a real-data branch (DMD2's GAN term). A folder of images,
+checked once up front with the bad-file policy, optionally captioned by a `metadata.jsonl` ({"file_name": ...,
+"text": ...} per line, the layout of the Hugging Face imagefolder), encoded once with the teacher's VAE and cached."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from stepdistill.io import write_atomic
+from stepdistill.teachers.base import Teacher
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTIONS_FILE = "metadata.jsonl"
+
+
+class ImageFolderDataset(Dataset):
+    """Real images from a folder, every file decoded once up front: unreadable files, and files whose size is not
+    `resolution` x `resolution` (when set), are refused with a list of them, or skipped and counted."""
+
+    def __init__(self, directory: str | os.PathLike, resolution: int = 0, policy: str = "refuse") -> None:
+        from PIL import Image
+
+        root = Path(directory)
+        if not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            raise FileNotFoundError(f"data.image_dir {root} {what}: give a folder of images")
+        self.root = root
+        self.files: list[Path] = []
+        self.skipped: dict[str, list[str]] = {"unreadable": [], "mis-sized": []}
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    size = img.size
+            except (OSError, ValueError, Image.DecompressionBombError):
+                self.skipped["unreadable"].append(str(path))
+                continue
+            if resolution and size != (resolution, resolution):
+                self.skipped["mis-sized"].append(f"{path} ({size[0]}x{size[1]})")
+                continue
+            self.files.append(path)
+        bad = [f"{reason}: {f}" for reason, files in self.skipped.items() for f in files]
+        if bad and policy == "refuse":
+            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+            expected = f" (expected {resolution}x{resolution})" if resolution else ""
+            raise ValueError(f"data.image_dir {root} has {len(bad)} bad files{expected}: {shown}. Fix or remove "
+                             "them, or set data.bad_images=skip to train without them")
+        if not self.files:
+            raise ValueError(f"data.image_dir {root} holds no usable image ({', '.join(IMAGE_SUFFIXES)}; "
+                             f"{len(bad)} skipped)")
+        self.resolution = resolution
+        self.captions = read_captions(root, self.files)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        """{"image": [3, H, W] in [-1, 1]}."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.float32)
+        return {"image": torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0}
+
+
+def read_captions(root: Path, files: list[Path]) -> list[str] | None:
+    """The caption of every file from root/metadata.jsonl, or None without that file."""
+    meta = root / CAPTIONS_FILE
+    if not meta.is_file():
+        return None
+    captions: dict[str, str] = {}
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[row["file_name"]] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta} line {n} is not a JSON object with file_name and text ({e}): fix the line") \
+                from e
+    names = [str(f.relative_to(root)) for f in files]
+    missing = [name for name in names if name not in captions]
+    if missing:
+        raise ValueError(f"{meta} has no caption for {len(missing)} images (e.g. {missing[:3]}): add a line "
+                         '{"file_name": ..., "text": ...} for each, or remove metadata.jsonl to use no captions')
+    return [captions[name] for name in names]
+
+
+class RealImages:
+    """Real samples as the teacher's latents (each image center-cropped and resized to the teacher's resolution,
+    encoded once, cached as `<cache_dir>/real_latents.safetensors`) with their captions, if any."""
+
+    def __init__(self, images: ImageFolderDataset, teacher: Teacher, cache_dir: str | os.PathLike) -> None:
+        self.captions = images.captions
+        key = hashlib.sha256(json.dumps({"files": [str(f) for f in images.files], "teacher": teacher.identity,
+                                         "shape": list(teacher.sample_shape)}).encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / "real_latents.safetensors"
+        if cache.is_file() and (cache.with_suffix(".json")).is_file() and \
+                json.loads(cache.with_suffix(".json").read_text()).get("key") == key:
+            self.latents = load_file(str(cache))["latents"]
+        else:
+            self.latents = encode_images(images.files, teacher)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name("." + cache.name + ".tmp")
+            save_file({"latents": self.latents.contiguous()}, str(tmp))
+            os.replace(tmp, cache)
+            write_atomic(cache.with_suffix(".json"), json.dumps({"key": key}))
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def draw(self, n: int, device: torch.device) -> tuple[Tensor, list[str] | None]:
+        """n random real latents and their captions (None when the folder has none)."""
+        idx = torch.randint(0, len(self.latents), (n,))
+        captions = [self.captions[int(i)] for i in idx] if self.captions is not None else None
+        return self.latents[idx].to(device), captions
+
+
+@torch.no_grad()
+def encode_images(files: list[Path], teacher: Teacher, batch_size: int = 16) -> Tensor:
+    """Encode images with the teacher's VAE at the teacher's resolution (center crop, Lanczos resize)."""
+    import numpy as np
+    from PIL import Image
+
+    if not teacher.makes_images:
+        raise ValueError(f"real images need a latent teacher with a VAE; the {type(teacher).__name__} teacher has "
+                         "none")
+    vae = teacher.pipe.vae
+    size = teacher.sample_shape[-1] * teacher.pipe.vae_scale_factor
+    out = []
+    for i in range(0, len(files), batch_size):
+        images = []
+        for f in files[i:i + batch_size]:
+            with Image.open(f) as opened:
+                img = opened.convert("RGB")
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+            images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+        x = torch.stack(images).float().div(127.5).sub(1).to(vae.device, vae.dtype)
+        latents = vae.encode(x).latent_dist.sample()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        out.append(((latents - shift) * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)

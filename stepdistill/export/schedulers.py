@@ -1,0 +1,121 @@
+"""The diffusers scheduler that reproduces a student's SamplingRecipe, and the pipeline arguments that make it visit
+exactly the student's timesteps:
+  * renoise on VP: `LCMScheduler`. Step i predicts x0 at t_i; before the next step it re-noises x0 to t_{i+1} with
+    fresh noise. Uniform grids like [999] or [999, 749, 499, 249] come out of `set_timesteps(k)` with
+    `original_inference_steps` chosen for them; other grids (DMD2's one step at t=399) are explicit `timesteps`.
+  * ode on VP (MCD / TSCD segments): deterministic DDIM jumps between the timesteps, the last to x0:
+    `DDIMScheduler` with trailing spacing where it visits the same timesteps, else `EulerDiscreteScheduler`
+    (x0-based Euler in sigma space is DDIM) on explicit `timesteps`.
+  * flow schedules: `FlowMatchEulerDiscreteScheduler` without shift on explicit `sigmas = t / T`, with
+    `stochastic_sampling` for renoise (x0 re-noised to the next sigma with fresh noise), deterministic Euler for
+    ode; a multistep flow (`any_num_steps`) keeps the student's shift and samples any number of steps.
+"""
+from __future__ import annotations
+
+import inspect
+
+from stepdistill.students.base import SamplingRecipe
+
+# The student outputs x0 itself, without LCM's consistency boundary condition x0 = c_skip x_t + c_out f.
+# With timestep_scaling = 1e4, c_skip(t) = 0.25 / ((1e4 t)^2 + 0.25) < 3e-9 and c_out = 1 - O(1e-9) for t >= 1.
+TIMESTEP_SCALING = 1.0e4
+
+
+def scheduler_for(recipe: SamplingRecipe, teacher_scheduler_config: dict):
+    """(scheduler, pipeline kwargs) for a recipe; the teacher's scheduler config supplies the VP betas."""
+    config = dict(teacher_scheduler_config)
+    if recipe.schedule.kind == "flow":
+        return flow_scheduler(config, recipe)
+    if recipe.sampler == "ode":
+        return vp_ode_scheduler(config, recipe.timesteps, recipe.prediction_type)
+    if recipe.sampler == "renoise":
+        return vp_renoise_scheduler(config, recipe.timesteps, recipe.prediction_type)
+    raise ValueError(f"no diffusers scheduler reproduces the {recipe.sampler!r} sampler of a VP student")
+
+
+def _scheduler_args(cls, config: dict) -> dict:
+    """The teacher scheduler's settings that `cls` accepts (betas, training steps, ...)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in accepted}
+
+
+def _on_grid(timesteps: list[int], n: int, num_train: int) -> bool:
+    """Whether every timestep lies on LCMScheduler's `original_inference_steps = n` grid (k * T//n - 1)."""
+    c = num_train // n
+    return all((t + 1) % c == 0 and (t + 1) // c <= n for t in timesteps)
+
+
+def _integer_timesteps(timesteps: list[float], num_train: int) -> list[int]:
+    ints = [int(t) for t in timesteps]
+    if ints != list(timesteps) or not all(0 <= t < num_train for t in ints):
+        raise ValueError(f"VP student timesteps must be integers in [0, {num_train}), got {timesteps}: set "
+                         f"student.timesteps to integers below {num_train}, e.g. [{num_train - 1}]")
+    return ints
+
+
+def vp_renoise_scheduler(config: dict, timesteps: list[float], prediction_type: str):
+    """LCMScheduler for a re-noising VP student, and the kwargs that make it visit exactly `timesteps`."""
+    from diffusers import LCMScheduler
+
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"a VP student's prediction_type must be epsilon, v_prediction or sample for "
+                         f"LCMScheduler, got {prediction_type!r}")
+    num_train = int(config.get("num_train_timesteps", 1000))
+    ints = _integer_timesteps(timesteps, num_train)
+    k = len(ints)
+    # the smallest original grid that holds every timestep (no "not on the training schedule" warnings)
+    n = next(m for m in range(k, num_train + 1) if _on_grid(ints, m, num_train))
+    scheduler = LCMScheduler.from_config(
+        _scheduler_args(LCMScheduler, config), prediction_type=prediction_type, original_inference_steps=n,
+        timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False)
+    scheduler.set_timesteps(k)
+    if scheduler.timesteps.tolist() == ints:
+        kwargs = {"num_inference_steps": k}
+    else:
+        scheduler.set_timesteps(timesteps=ints)
+        kwargs = {"timesteps": ints}
+    if scheduler.timesteps.tolist() != ints:
+        raise AssertionError(f"LCMScheduler visits {scheduler.timesteps.tolist()} instead of {ints}")
+    return scheduler, kwargs
+
+
+def vp_ode_scheduler(config: dict, timesteps: list[float], prediction_type: str):
+    """A deterministic scheduler that jumps with DDIM between `timesteps` and ends at x0, and its kwargs."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    ints = _integer_timesteps(timesteps, int(config.get("num_train_timesteps", 1000)))
+    k = len(ints)
+    common = {"prediction_type": prediction_type}
+    scheduler = DDIMScheduler.from_config(_scheduler_args(DDIMScheduler, config), **common,
+                                          timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+                                          thresholding=False)
+    scheduler.set_timesteps(k)
+    if scheduler.timesteps.tolist() == ints:
+        return scheduler, {"num_inference_steps": k}
+    # "leading": init_noise_sigma = sqrt(sigma_max^2 + 1) exactly (linspace/trailing use sigma_max)
+    scheduler = EulerDiscreteScheduler.from_config(
+        _scheduler_args(EulerDiscreteScheduler, config), **common, timestep_spacing="leading",
+        final_sigmas_type="zero", use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        interpolation_type="linear")
+    scheduler.set_timesteps(timesteps=ints)
+    if scheduler.timesteps.tolist() != ints:
+        raise AssertionError(f"EulerDiscreteScheduler visits {scheduler.timesteps.tolist()} instead of {ints}")
+    return scheduler, {"timesteps": ints}
+
+
+def flow_scheduler(config: dict, recipe: SamplingRecipe):
+    """FlowMatchEulerDiscreteScheduler: explicit sigmas = t / T (no shift) for fixed timesteps; the student's own
+    shift and any number of steps for a multistep flow."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if recipe.prediction_type != "flow":
+        raise ValueError(f"a flow student must predict velocity (prediction_type flow), got "
+                         f"{recipe.prediction_type!r}")
+    num_train = recipe.schedule.num_train_timesteps
+    common = dict(num_train_timesteps=num_train, use_dynamic_shifting=False, shift_terminal=None,
+                  use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, invert_sigmas=False)
+    if recipe.any_num_steps:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=recipe.schedule.shift, stochastic_sampling=False, **common)
+        return scheduler, {"num_inference_steps": recipe.num_steps}
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=recipe.sampler == "renoise", **common)
+    return scheduler, {"sigmas": [float(t) / num_train for t in recipe.timesteps]}

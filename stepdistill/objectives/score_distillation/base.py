@@ -1,0 +1,190 @@
+"""What the score-distillation objectives share (DMD2, VSD/SwiftBrush, SNOOPI, SiD): a generator trained against a
+frozen real score (the teacher, guided) and a learned fake score (the critic) on the generator's own samples, with
+two time-scale updates, backward simulation for multi-step students and an optional GAN head on real data.
+A method supplies its generator loss; the critic's denoising loss and the GAN terms are here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stepdistill.config import ConfigError
+from stepdistill.guidance import GuidanceSampler
+from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, PlanHints
+from stepdistill.objectives.score_distillation.critic import CRITIC_KINDS, Critic, build_fake_score, frozen
+from stepdistill.objectives.score_distillation.real_data import REAL_DATA, RealSamples
+from stepdistill.teachers.base import Cond
+
+SHARED_CRITIC_RANK = 64  # the planner's shared-base critic rung: the LoRA rank of the MSD and SNOOPI recipes
+
+
+@dataclass
+class ScoreDistillationConfig(ObjectiveConfig):
+    generator_lr: float = 1e-5
+    critic_lr: float = 1e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 10.0
+    critic_updates: int = 10  # critic updates per generator update (TTUR)
+    real_guidance: float = 1.75  # CFG scale of the real score, standard form
+    min_step: float = 0.02  # generator-loss timesteps uniform in [min_step, max_step] * T
+    max_step: float = 0.98
+    critic: str = "full"  # full (a trainable copy) | lora (on a frozen copy) | shared_base (LoRA in the teacher)
+    critic_lora_rank: int = 64
+    real_data: str = ""  # GAN real samples: "" (GAN off) | mixture (GMM teacher) | images (data.image_dir)
+    gan_generator_weight: float = 1e-3
+    gan_critic_weight: float = 1e-2
+    gan_max_step: float = 1.0  # real and fake are noised with t ~ U[0, gan_max_step * T) (diffusion GAN)
+    backward_simulation: bool = True  # DMD2 §4.4, multi-step students only
+
+    CHOICES = {"critic": CRITIC_KINDS, "real_data": REAL_DATA}
+    RANGES = {"generator_lr": ">0", "critic_lr": ">0", "weight_decay": ">=0", "max_grad_norm": ">0",
+              "critic_updates": ">=1", "real_guidance": ">=0", "min_step": "[0,1]", "max_step": "[0,1]",
+              "critic_lora_rank": ">=1", "gan_generator_weight": ">=0", "gan_critic_weight": ">=0",
+              "gan_max_step": "(0,1]"}
+
+
+class ScoreDistillation(Objective):
+    """Generator and critic phases with TTUR; subclasses implement `generator_loss`."""
+
+    config: ScoreDistillationConfig
+
+    def __init__(self, teacher, generator, source, config: ScoreDistillationConfig, data=None) -> None:
+        super().__init__(teacher, generator, source, config, data)
+        if config.min_step > config.max_step:
+            raise ConfigError(f"objective.min_step ({config.min_step}) must not exceed objective.max_step "
+                              f"({config.max_step})")
+        self.real: RealSamples | None = None
+        if config.real_data == "mixture":
+            self.real = RealSamples("mixture", teacher)
+        self.critic = Critic(teacher, build_fake_score(teacher, config.critic, config.critic_lora_rank),
+                             with_head=bool(config.real_data))
+        self.real_guidance = GuidanceSampler(config.real_guidance)
+
+    @classmethod
+    def shares_teacher_backbone(cls, config: ScoreDistillationConfig) -> bool:
+        return config.critic == "shared_base"
+
+    @classmethod
+    def plan_hints(cls, cfg) -> PlanHints:
+        rungs = []
+        if cfg.objective.critic != "shared_base" and not cfg.teacher.offload:
+            rungs.append(("shared-base LoRA critic", ["objective.critic=shared_base",
+                                                      f"objective.critic_lora_rank={cfg.objective.critic_lora_rank}"]))
+        return PlanHints(meta_overrides=["objective.real_data=''"], rungs=rungs)
+
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        c = self.config
+        return [
+            OptimizerGroup("generator", "generator.backbone", c.generator_lr, weight_decay=c.weight_decay,
+                           max_grad_norm=c.max_grad_norm),
+            OptimizerGroup("critic", "critic", c.critic_lr, weight_decay=c.weight_decay,
+                           max_grad_norm=c.max_grad_norm),
+        ]
+
+    def phases(self, step: int) -> list[str]:
+        """Two time-scale update rule (DMD2 §4.1): the generator every `critic_updates` steps, the critic every
+        step, after the generator, as in the official `train_one_step`."""
+        return ["generator", "critic"] if step % self.config.critic_updates == 0 else ["critic"]
+
+    def prepare_data(self, output_dir, device) -> None:
+        if self.config.real_data == "images":
+            self.real = RealSamples.from_config("images", self.teacher, self.data_config, output_dir)
+
+    def trace_phase(self, phase: str, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if phase == "critic":
+            return self.critic(x, t, cond.fields)[0]
+        return super().trace_phase(phase, x, t, cond)
+
+    # ------------------------------------------------------------------ generator input
+    def sampled_step(self, step: int) -> int:
+        """Which student step is trained: uniform over the student's steps, drawn from a generator seeded by the
+        training step, so every process picks the same one (the official code broadcasts it from rank 0) and a
+        resumed run repeats it."""
+        n = self.generator.num_steps
+        return 0 if n == 1 else int(torch.randint(0, n, (1,), generator=torch.Generator().manual_seed(step)))
+
+    def generator_input(self, noise: Tensor, cond: Cond, k: int) -> Tensor:
+        """Input of student step k: pure noise for k = 0; for k > 0, with backward simulation, the student's own
+        k-step rollout without gradient, as at inference (DMD2 §4.4); without it, real data noised to t_k (the
+        train/inference mismatch the paper removes, kept for ablations)."""
+        if k == 0:
+            return noise
+        if self.config.backward_simulation:
+            return self.generator.simulate(noise, cond, k)
+        if self.real is None:
+            raise ValueError("objective.backward_simulation=false with a multi-step student needs objective.real_data")
+        real, _ = self.real.draw(cond, noise.device)
+        return self.generator.schedule.add_noise(real, noise, self.generator.time(k, noise))
+
+    # ------------------------------------------------------------------ scores
+    def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """x0 of the frozen teacher with classifier-free guidance, in float64."""
+        guidance = self.real_guidance(len(cond), x_t.device)
+        return self.teacher.predict(x_t, t, cond, guidance, dtype=torch.float64).x0
+
+    def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """x0 of the critic's fake score (conditional, unguided), in float64."""
+        out, _ = self.critic(x_t, t, cond.fields)
+        return self.teacher.schedule.to_x0_eps(out, x_t, t, dtype=torch.float64)[0]
+
+    def gan_timesteps(self, n: int, device: torch.device) -> Tensor:
+        T = self.teacher.schedule.num_train_timesteps
+        if self.teacher.schedule.kind == "vp":
+            return torch.randint(0, max(int(self.config.gan_max_step * T), 1), (n,), device=device)
+        return self.teacher.schedule.sample_timesteps(n, 0.0, self.config.gan_max_step, device=device)
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, phase: str, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        cond = self.source.encode(batch["cond_index"]).to(self.device)
+        noise = self.noise(len(cond))
+        k = self.sampled_step(step)
+        x_in = self.generator_input(noise, cond, k)
+        t_k = self.generator.time(k, x_in)
+        if phase == "generator":
+            return self.generator_loss(self.generator(x_in, cond, t_k), cond, batch)
+        with torch.no_grad():
+            x = self.generator(x_in, cond, t_k)
+        return self.critic_loss(x, cond)
+
+    def generator_loss(self, x: Tensor, cond: Cond, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Losses of the generator sample x (with gradient); "loss" is backpropagated."""
+        raise NotImplementedError
+
+    def gan_generator_loss(self, x: Tensor, cond: Cond) -> Tensor:
+        """Non-saturating GAN loss of generator samples (DMD2 §4.3); the gradient flows through the critic into G
+        only."""
+        with frozen(self.critic):
+            t = self.gan_timesteps(x.shape[0], x.device)
+            x_t = self.teacher.schedule.add_noise(x, torch.randn_like(x), t)
+            _, logit = self.critic(x_t, t, cond.fields, classify=True)
+        return F.softplus(-logit).mean()
+
+    def critic_loss(self, x: Tensor, cond: Cond) -> dict[str, Tensor]:
+        """Fake-score denoising loss on detached generator samples over the full timestep range (DMD Eq. 6;
+        the official code's unweighted MSE in the model's own parameterization), plus the GAN critic term."""
+        c, schedule = self.config, self.teacher.schedule
+        x = x.detach()
+        t = schedule.sample_timesteps(x.shape[0], 0.0, 1.0, device=x.device)
+        eps = torch.randn_like(x)
+        x_t = schedule.add_noise(x, eps, t)
+        out, _ = self.critic(x_t, t, cond.fields)
+        target = schedule.from_x0_eps(x.float(), eps.float(), t)
+        loss_denoise = F.mse_loss(out.float(), target.float())
+        losses = {"denoise": loss_denoise}
+        total = loss_denoise
+        if self.real is not None and c.gan_critic_weight > 0:
+            real, _ = self.real.draw(cond, x.device)
+            t_gan = self.gan_timesteps(x.shape[0], x.device)
+            both = torch.cat([schedule.add_noise(x, torch.randn_like(x), t_gan),
+                              schedule.add_noise(real, torch.randn_like(real), t_gan)])
+            fields = {k: torch.cat([v, v]) for k, v in cond.fields.items()}
+            _, logits = self.critic(both, torch.cat([t_gan, t_gan]), fields, classify=True)
+            logit_fake, logit_real = logits.chunk(2)
+            loss_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+            losses["gan_d"] = loss_d
+            total = total + c.gan_critic_weight * loss_d
+        losses["loss"] = total
+        return losses
+

@@ -1,0 +1,41 @@
+"""Real samples for a score-distillation objective's GAN term: the analytic teacher's true mixture, or the one real
+image source (`data.image_dir`, encoded to latents once), each with the conditions the samples belong to."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stepdistill.data import ImageFolderDataset, RealImages
+from stepdistill.teachers.base import Cond, Teacher
+
+REAL_DATA = ("", "mixture", "images")
+
+
+class RealSamples:
+    """Real samples: mixture draws of the batch's classes, or random real images with their own captions."""
+
+    def __init__(self, kind: str, teacher: Teacher, images: RealImages | None = None) -> None:
+        if kind == "mixture" and teacher.mixture is None:
+            raise ValueError("objective.real_data=mixture needs the analytic teacher (teacher.kind=gmm); for image "
+                             "teachers set objective.real_data=images and data.image_dir")
+        if kind == "images" and images is None:
+            raise ValueError("objective.real_data=images needs data.image_dir: a folder of real images")
+        self.kind, self.teacher, self.images = kind, teacher, images
+
+    @classmethod
+    def from_config(cls, kind: str, teacher: Teacher, data_cfg, cache_dir) -> RealSamples:
+        images = None
+        if kind == "images":
+            if not data_cfg.image_dir:
+                raise ValueError("objective.real_data=images needs data.image_dir: a folder of real images")
+            folder = ImageFolderDataset(data_cfg.image_dir, data_cfg.resolution, data_cfg.bad_images)
+            images = RealImages(folder, teacher, cache_dir)
+        return cls(kind, teacher, images)
+
+    def draw(self, cond: Cond, device: torch.device) -> tuple[Tensor, list[str] | None]:
+        """Real samples for a batch and their captions: of the batch's classes for the mixture (captions None: the
+        batch's conditioning applies); random real images with their own captions (None if the folder has none)."""
+        n = len(cond)
+        if self.images is None:
+            return self.teacher.mixture.sample(n, cond.fields.get("class_labels", None)).to(device), None
+        return self.images.draw(n, device)
