@@ -248,8 +248,6 @@ def load_config_tree(path: str | Path | None = None, overrides: list[str] | None
 
 def config_from_dict(tree: dict, where: str = "") -> Config:
     """A validated Config; `where` prefixes every error (e.g. the recipe stage)."""
-    from stepdistill.objectives import objective_class
-
     try:
         sections = {f.name for f in dataclasses.fields(Config)}
         for key in tree:
@@ -262,20 +260,19 @@ def config_from_dict(tree: dict, where: str = "") -> Config:
             if tree.get(section) is not None and not isinstance(tree[section], dict):
                 raise ConfigError(f"config section {section!r} must be a mapping of keys, got "
                                   f"{type(tree[section]).__name__}")
-        objective = dict(tree.get("objective") or {})
-        name = objective.get("name", "regression")
-        objective["name"] = name
         recipe = tree.get("recipe") or []
         if not isinstance(recipe, list):
             raise ConfigError("recipe must be a list of stages, e.g. [{name: stage1, set: {...}}]")
-        return Config(
-            objective=build_dataclass(objective_class(name).config_class, objective, "objective."),
-            teacher=build_dataclass(TeacherConfig, tree.get("teacher"), "teacher."),
-            student=build_dataclass(StudentConfig, tree.get("student"), "student."),
-            data=build_dataclass(DataConfig, tree.get("data"), "data."),
-            train=build_dataclass(TrainConfig, tree.get("train"), "train."),
-            recipe=recipe,
-        )
+        # the torch-free sections first: their mistakes are reported without importing the objectives
+        sections = {name: build_dataclass(cls, tree.get(name), name + ".") for name, cls in
+                    (("teacher", TeacherConfig), ("student", StudentConfig), ("data", DataConfig),
+                     ("train", TrainConfig))}
+        from stepdistill.objectives import objective_class
+
+        objective = dict(tree.get("objective") or {})
+        name = objective.setdefault("name", "regression")
+        return Config(objective=build_dataclass(objective_class(name).config_class, objective, "objective."),
+                      recipe=recipe, **sections)
     except ConfigError as e:
         if where:
             raise ConfigError(f"{where}{e}") from e

@@ -102,10 +102,12 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the generator EMA
     checkpoint_every: int = 500
     checkpoints_limit: int = 2
-    resume: str = ""  # "" | latest | path of a checkpoint folder
-    overwrite: bool = False  # allow reusing an output_dir that holds a different run
+    # "" | latest (the newest checkpoint; refused if it is corrupt) | latest-valid (the newest intact one) | a
+    # checkpoint folder
+    resume: str = ""
+    overwrite: bool = False  # start afresh in an output_dir that holds a run: the old run is moved aside, kept
     log_every: int = 50
-    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    report_to: str = "auto"  # auto (tensorboard where installed) | tensorboard | wandb | none
     validate_every: int = 0  # 0: only at the end
     num_validation_samples: int = 16
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
@@ -117,7 +119,7 @@ class TrainConfig:
     channels_last: bool = False  # backbones' conv weights in channels_last memory format (no effect on MLPs)
     attention: str = "sdpa"  # sdpa (diffusers' AttnProcessor2_0) | xformers (pip install -e ".[xformers]")
 
-    CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "report_to": ("tensorboard", "wandb", "none"),
+    CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "report_to": ("auto", "tensorboard", "wandb", "none"),
                "nonfinite": ("stop", "skip"), "optimizer": ("adamw", "adamw_fused", "adamw_8bit"),
                "attention": ("sdpa", "xformers"),
                "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -422,7 +423,10 @@ def markdown(result: dict) -> str:
 
 
 def run_and_write(preset_name: str, objectives: list[str] | None, out: str | Path, command: str) -> dict:
-    """Run the preset, write <out>/speed.json and <out>/speed.md, print the table; returns where they are."""
+    """Run the preset, write <out>/speed.json and <out>/speed.md, show the table (stderr); returns where they are.
+    Fails (after writing what it measured) when an item failed or nothing was measured."""
+    from stepdistill.errors import RunFailed
+
     result = run(preset_name, objectives)
     result["command"] = command
     folder = Path(out)
@@ -430,7 +434,12 @@ def run_and_write(preset_name: str, objectives: list[str] | None, out: str | Pat
     (folder / "speed.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (folder / "speed.md").write_text(table)
-    print(table, flush=True)
+    print(table, file=sys.stderr, flush=True)
+    errors = result["errors"]
+    if errors or not (result["training"] or result["sampling"]):
+        first = f" (first: {errors[0]['item']}: {errors[0]['error']})" if errors else ""
+        raise RunFailed(f"bench --preset {preset_name}: {len(errors)} item(s) failed{first}, "
+                        f"{len(result['training']) + len(result['sampling'])} row(s) measured; see "
+                        f"{folder / 'speed.json'}")
     return {"speed_json": str(folder / "speed.json"), "speed_md": str(folder / "speed.md"),
-            "errors": result["errors"], "skipped": result["skipped"]}
-
+            "rows": len(result["training"]) + len(result["sampling"]), "skipped": result["skipped"]}

@@ -1,0 +1,53 @@
+"""Checks of a run's settings against the machine, before any work and without a model: the output folder can be
+created and written, the precision suits the device, the tracker is installed."""
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+
+from stepdistill.config.schema import ConfigError
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_output_dir(value: str, key: str = "train.output_dir") -> Path:
+    """The output folder as a Path; refused when empty (the run would land in the working directory), a file, or
+    inside a folder that cannot be written (read-only, no permission)."""
+    if not value.strip():
+        raise ConfigError(f"{key} is empty: give a folder for the run, e.g. {key}=runs/my_run")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key} {path} is a file, not a folder: choose another {key}")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key} {path}: {existing} is a file, so the folder cannot be created there; choose "
+                          f"another {key}")
+    try:  # an actual write: permission bits do not show a read-only file system, nor stop root
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".stepdistill-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key} {path}: {existing} cannot be written ({e.strerror}); choose a writable "
+                          f"folder") from e
+    return path
+
+
+def resolve_report_to(value: str) -> str | None:
+    """The accelerate tracker of train.report_to (None: no tracker). `auto` is tensorboard where it is installed."""
+    if value == "none":
+        return None
+    if value == "auto":
+        return "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    if importlib.util.find_spec(TRACKER_PACKAGES[value]) is None:
+        raise ConfigError(f"train.report_to={value} needs the {TRACKER_PACKAGES[value]} package, which is not "
+                          f"installed: pip install {TRACKER_PACKAGES[value]}, or set train.report_to=none")
+    return value
+
+
+def check_mixed_precision(value: str, cuda_available: bool) -> None:
+    """fp16 autocast needs a CUDA device; accelerate would otherwise run a CPU job at full precision unasked."""
+    if value == "fp16" and not cuda_available:
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU and none is available: set "
+                          "train.mixed_precision=no (or bf16, which CPUs run)")
