@@ -51,3 +51,15 @@ def check_mixed_precision(value: str, cuda_available: bool) -> None:
     if value == "fp16" and not cuda_available:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU and none is available: set "
                           "train.mixed_precision=no (or bf16, which CPUs run)")
+
+
+def check_before_import(tree: dict) -> None:
+    """The checks of a config tree that need neither torch nor a model (sections' values, the output folder, the
+    tracker, the teacher's source), for the command line to run before it imports the objectives."""
+    from stepdistill.config.checks import check_teacher_source
+    from stepdistill.config.loading import plain_sections
+
+    sections = plain_sections(tree)
+    check_output_dir(sections["train"].output_dir)
+    resolve_report_to(sections["train"].report_to)
+    check_teacher_source(sections["teacher"])

@@ -119,7 +119,8 @@ class TrainConfig:
     channels_last: bool = False  # backbones' conv weights in channels_last memory format (no effect on MLPs)
     attention: str = "sdpa"  # sdpa (diffusers' AttnProcessor2_0) | xformers (pip install -e ".[xformers]")
 
-    CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "report_to": ("auto", "tensorboard", "wandb", "none"),
+    CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"),
+               "report_to": ("auto", "tensorboard", "wandb", "none"),
                "nonfinite": ("stop", "skip"), "optimizer": ("adamw", "adamw_fused", "adamw_8bit"),
                "attention": ("sdpa", "xformers"),
                "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine")}

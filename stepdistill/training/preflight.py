@@ -47,8 +47,9 @@ def check_generator(generator, cfg: Config) -> None:
     teacher's model timesteps stop at T - 1; beyond, training would clamp silently and the export refuse)."""
     kind, prediction = generator.schedule.kind, generator.prediction_type
     if (prediction == "flow" and kind != "flow") or (prediction == "v_prediction" and kind == "flow"):
+        fix = "flow" if prediction == "flow" else "teacher"
         raise ConfigError(f"student.prediction_type={prediction} does not fit the student's {kind} schedule: unset "
-                          f"student.prediction_type, or set student.schedule={'flow' if prediction == 'flow' else 'teacher'}")
+                          f"student.prediction_type, or set student.schedule={fix}")
     low, high = generator.schedule.timestep_range()
     outside = [_number(t) for t in generator.timesteps if not low <= t <= high]
     if outside:

@@ -28,10 +28,10 @@ def check_run_dir(train_cfg, output_dir: Path) -> None:
     if not output_dir.is_dir() or train_cfg.overwrite:
         return
     entries = sorted(p.name for p in output_dir.iterdir())
-    if entries and not (output_dir / RUN_MARKER).is_file():
+    if entries and not (output_dir / RUN_MARKER).is_file() and not (output_dir / "checkpoints").is_dir():
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise ConfigError(f"train.output_dir {output_dir} is not empty and holds no stepdistill run ({shown}): choose "
-                          "a new or empty folder, or set train.overwrite=true to move its contents aside")
+        raise ConfigError(f"train.output_dir {output_dir} is not empty and holds no stepdistill run ({shown}): "
+                          "choose a new or empty folder, or set train.overwrite=true to move its contents aside")
     if holds_work(output_dir) and not train_cfg.resume:
         raise ConfigError(f"train.output_dir {output_dir} already holds a run: set train.resume=latest to continue "
                           "it, train.overwrite=true to replace it (it is moved aside, not deleted), or choose "
