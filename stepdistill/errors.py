@@ -59,7 +59,7 @@ def describe(error: BaseException) -> tuple[int, str]:
     if isinstance(error, Stopped):
         return 128 + error.signum, f"{error.message}{'; ' + saved if saved else ''}"
     if isinstance(error, KeyboardInterrupt):
-        return 128 + signal.SIGINT, f"interrupted (Ctrl-C); {saved or 'temporary files were removed'}"
+        return 128 + signal.SIGINT, f"interrupted (Ctrl-C){'; ' + saved if saved else ''}"
     line = _first_line(error)
     if _disk_full(error):
         where = f" writing {error.filename}" if getattr(error, "filename", None) else ""

@@ -1,7 +1,7 @@
 """A DMD2 run on the shipped digits teacher, watched as a user watches it: one progress line per optimizer phase,
 tensorboard events with both learning rates, both phases' losses and a sample grid, labelled and upscaled
-previews, a model card with metadata and the teacher's own prompt, world-readable files; then the exported student
-sampled from the shell and the checkpoint exported again, equal to the run's own export."""
+previews, a model card with metadata and the teacher's own prompt, world-readable files; then `sample` on the
+exported student and `export` of the checkpoint, equal to the run's own export (through main(), in this process)."""
 from __future__ import annotations
 
 import json
@@ -55,20 +55,20 @@ def test_dmd2_digits_run_is_visible_and_its_export_is_usable(tmp_path, capsys):
     for path in (run / "final").rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o004, f"{path} is not world-readable"
 
-    proc = run_cli("sample", "run/final", "a handwritten digit seven", "a handwritten digit two", "--num", "2",
-                   "--out", "shots", "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    # sample and export in this process (the command line's code, without another interpreter's imports)
+    capsys.readouterr()
+    assert main(["sample", str(run / "final"), "a handwritten digit seven", "a handwritten digit two", "--num", "2",
+                 "--out", str(tmp_path / "shots"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["images"] == 4 and result["call"] == recipe["pipeline_kwargs"]
     assert len(list((tmp_path / "shots").glob("0*-a-handwritten-digit-*-seed*.png"))) == 4
     assert Image.open(tmp_path / "shots" / "grid.png").width > 2 * 128  # labelled rows beside two columns
-
     assert main(["sample", str(run / "final"), "a handwritten digit two", "--steps", "4"]) == 2  # before loading
     assert "trained to sample in 1 step(s) at timesteps [999.0]; leave --steps out" in capsys.readouterr().err
 
-    proc = run_cli("export", "run/checkpoints/checkpoint-4", "--out", "again", "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["weights"] == "ema"  # the run kept an EMA, which its own export used
+    assert main(["export", str(run / "checkpoints" / "checkpoint-4"), "--out", str(tmp_path / "again"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "ema"  # the run kept an EMA, which its export used
     unet = "unet/diffusion_pytorch_model.safetensors"
     exported, final = load_file(str(tmp_path / "again" / unet)), load_file(str(run / "final" / unet))
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from cli_utils import REPO
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 IGNORED = shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                  ".ruff_cache", ".device", "tests")
@@ -60,6 +61,10 @@ def test_wheel_in_a_fresh_venv_trains_samples_exports_and_benches(venv, tmp_path
     stepdistill = str(bin_dir / "stepdistill")
     run(stepdistill, "train", "--config", "regression_gmm", "train.max_steps=50")
     assert (work / "runs" / "regression_gmm" / "final" / "student.json").is_file()
+    log = EventAccumulator(str(next((work / "runs" / "regression_gmm" / "logs").rglob("events.out.tfevents.*"))))
+    log.Reload()  # tensorboard by default where installed: the schedule, the loss, the mixture metrics, the scatter
+    assert {"lr/generator", "generator/loss", "metrics/energy", "metrics/sw2"} <= set(log.Tags()["scalars"])
+    assert log.Tags()["images"] == ["samples"]
     summary = json.loads(run(stepdistill, "sample", "runs/regression_gmm/final", "--num", "256", "--json").stdout)
     assert (work / "samples" / "scatter.png").is_file() and summary["num"] == 256
     assert len((work / "samples" / "points.csv").read_text().splitlines()) == 257

@@ -53,9 +53,26 @@ def check_mixed_precision(value: str, cuda_available: bool) -> None:
                           "train.mixed_precision=no (or bf16, which CPUs run)")
 
 
+def check_text_file(value: str, what: str) -> None:
+    """A file of text lines: refused when missing, a folder, binary or not UTF-8, naming it."""
+    path = Path(value).expanduser()
+    fix = "give a text file with one prompt per line"
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory: {fix}")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist: {fix}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}): {fix}") from e
+    if "\x00" in text:
+        raise ConfigError(f"{what} {path} is a binary file: {fix}")
+
+
 def check_before_import(tree: dict) -> None:
     """The checks of a config tree that need neither torch nor a model (sections' values, the output folder, the
-    tracker, the teacher's source), for the command line to run before it imports the objectives."""
+    tracker, the teacher's source, the prompts file), for the command line to run before it imports the
+    objectives."""
     from stepdistill.config.checks import check_teacher_source
     from stepdistill.config.loading import plain_sections
 
@@ -63,3 +80,5 @@ def check_before_import(tree: dict) -> None:
     check_output_dir(sections["train"].output_dir)
     resolve_report_to(sections["train"].report_to)
     check_teacher_source(sections["teacher"])
+    if sections["data"].prompts_file:
+        check_text_file(sections["data"].prompts_file, "prompts file")

@@ -3,7 +3,7 @@ with its own losses) and the tracker (tensorboard by default): every phase's log
 interval, the learning rates, steps/s, skipped steps, metrics and sample grids."""
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +16,18 @@ class RunReport:
                  tracking: bool) -> None:
         """`phases_at(step)` lists the optimizer phases of a step (Objective.phases)."""
         self.accelerator, self.phases_at, self.tracking = accelerator, phases_at, tracking
-        schedule = [phases_at(s) for s in range(max_steps)]
-        names = list(dict.fromkeys(p for phases in schedule for p in phases))
+        totals, done = Counter(), Counter()  # updates of each phase over the run, and before start_step
+        for s in range(max_steps):
+            for phase in phases_at(s):
+                totals[phase] += 1
+                done[phase] += s < start_step
         show = progress and accelerator.is_local_main_process
-        if len(names) <= 1:
+        if len(totals) <= 1:
             self.bars = {None: tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
                                     disable=not show)}
         else:  # one line per phase: a critic updated 10x as often as the generator shows its own count and loss
-            self.bars = {name: tqdm(total=sum(name in p for p in schedule),
-                                    initial=sum(name in p for p in schedule[:start_step]), desc=name,
-                                    unit="update", position=i, disable=not show) for i, name in enumerate(names)}
+            self.bars = {name: tqdm(total=totals[name], initial=done[name], desc=name, unit="update", position=i,
+                                    disable=not show) for i, name in enumerate(totals)}
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
