@@ -27,6 +27,7 @@ from stepdistill.objectives import Objective, build_objective, objective_class
 from stepdistill.objectives.base import get_module
 from stepdistill.training import accel, checkpoint, options
 from stepdistill.training.ema import EMA_FILE, GeneratorEMA
+from stepdistill.training.guards import SampleGuard
 from stepdistill.training.hooks import DEFAULT_HOOKS, Hook, save_preview
 from stepdistill.training.step import GENERATOR_MODULE, NonFiniteError, StepRunner
 
@@ -50,7 +51,7 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         self.accelerator = acc = accel.make_accelerator(t, self.output_dir)
         set_seed(t.seed)
-        self.hooks = [factory() for factory in DEFAULT_HOOKS] + list(hooks or [])
+        self.hooks = [factory() for factory in DEFAULT_HOOKS] + [SampleGuard()] + list(hooks or [])
         self._check_output_dir()
         self._preflight(load_teacher=objective is None)
         self.optimizer_class = options.optimizer_class(t.optimizer)  # before the teacher loads
@@ -328,7 +329,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     @contextmanager
-    def _inference_generator(self, ema: bool) -> Iterator:
+    def inference_generator(self, ema: bool) -> Iterator:
         """The generator with its raw backbone (and EMA weights inside the block, if asked and on)."""
         generator = self.objective.generator
         prepared = generator.backbone
@@ -356,7 +357,7 @@ class Trainer:
             return None
         out = self.output_dir / "samples" / f"step-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        with self._inference_generator(ema=True) as generator:
+        with self.inference_generator(ema=True) as generator:
             return save_preview(generator, self.objective.source, self.cfg.train.num_validation_samples, out,
                                 seed=self.cfg.train.seed)
 

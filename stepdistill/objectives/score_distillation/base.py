@@ -80,6 +80,10 @@ class ScoreDistillation(Objective):
                                                       f"objective.critic_lora_rank={cfg.objective.critic_lora_rank}"]))
         return PlanHints(meta_overrides=["objective.real_data=''"], rungs=rungs)
 
+    @property
+    def reference_guidance(self) -> float:
+        return self.config.real_guidance
+
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
         return [
