@@ -110,6 +110,7 @@ class TrainConfig:
     report_to: str = "auto"  # auto (tensorboard where installed) | tensorboard | wandb | none
     validate_every: int = 0  # 0: only at the end
     num_validation_samples: int = 16
+    sample_stats_every: int = 0  # log the student's sample statistics and warn on collapse (training/guards.py)
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     device_threads: int = 0  # torch CPU threads; 0 leaves torch's default
     progress: bool = True
@@ -126,7 +127,8 @@ class TrainConfig:
                "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine")}
     RANGES = {"max_steps": ">=1", "batch_size": ">=1", "lr_warmup_steps": ">=0", "ema_decay": "[0,1)",
               "checkpoint_every": ">=0", "checkpoints_limit": ">=1", "log_every": ">=1", "validate_every": ">=0",
-              "num_validation_samples": ">=1", "device_threads": ">=0"}
+              "num_validation_samples": ">=1", "device_threads": ">=0",
+              "sample_stats_every": ">=0"}
 
 
 @dataclass

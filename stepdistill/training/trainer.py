@@ -28,6 +28,7 @@ from stepdistill.objectives import Objective, build_objective
 from stepdistill.objectives.base import get_module
 from stepdistill.training import accel, checkpoint, options, preflight, rundir
 from stepdistill.training.ema import EMA_FILE, GeneratorEMA
+from stepdistill.training.guards import SampleGuard
 from stepdistill.training.hooks import DEFAULT_HOOKS, Hook, save_preview
 from stepdistill.training.reporting import RunReport, flat_scalars
 from stepdistill.training.restore import finish_export
@@ -55,7 +56,7 @@ class Trainer:
         check_mixed_precision(t.mixed_precision, torch.cuda.is_available())
         self.accelerator = acc = accel.make_accelerator(t, self.output_dir, self.tracker)
         set_seed(t.seed)
-        self.hooks = [factory() for factory in DEFAULT_HOOKS] + list(hooks or [])
+        self.hooks = [factory() for factory in DEFAULT_HOOKS] + [SampleGuard()] + list(hooks or [])
         preflight.check_inputs(cfg, load_teacher=objective is None, warn=self.warn)
         rundir.check_run_dir(t, self.output_dir)
         self.identity = checkpoint.run_identity(config_to_dict(cfg))
