@@ -31,7 +31,7 @@ def test_regression_then_dmd2_from_its_export(tmp_path, capsys):
     short = read_config_tree("dmd2_sdxl_1step_warm")  # the preset with a two-step DMD2 stage
     short["recipe"][1]["set"]["train.max_steps"] = 2
     (tmp_path / "warm.yaml").write_text(yaml.safe_dump(short))
-    assert main(["train", "--config", str(tmp_path / "warm.yaml"), *overrides]) == 0
+    assert main(["train", "--json", "--config", str(tmp_path / "warm.yaml"), *overrides]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [s["stage"] for s in summary["stages"]] == ["regression", "dmd2"]
     for stage in ("regression", "dmd2"):
