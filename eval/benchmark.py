@@ -18,10 +18,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from stepdistill import digits
-from stepdistill.demo import DEMO_CONFIG, EVAL_SEED, markdown_table, run_distillation
-from stepdistill.metrics.digits import REFERENCE_NAME, TEACHER_GUIDANCE, digits_reference, evaluate_digits
-from stepdistill.pipelines.export import load_exported
+from stepdistill.evaluation.miniature import evaluate_pipeline, evaluate_student, load_reference
+from stepdistill.miniature import get_dataset
+from stepdistill.miniature.demo import DEMO_CONFIG, EVAL_SEED, markdown_table, run_distillation
+from stepdistill.miniature.teacher import load_teacher
+
+DIGITS = get_dataset("digits")
+TEACHER_GUIDANCE = DIGITS.guidance
 
 DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
 # Each method's objective section; everything else (teacher, student = a copy of its UNet at t = 999, batch 32,
@@ -43,8 +46,8 @@ SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-ben
 
 def real_latents(path: Path) -> Path:
     """The train digits encoded by the teacher's VAE (latent means x scaling factor), the GAN's real data."""
-    pipe = digits.load_digits_pipeline()
-    images, _ = digits.load_digit_images("train")
+    pipe = load_teacher(DIGITS)
+    images, _ = DIGITS.load_images("train")
     with torch.no_grad():
         latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,12 +91,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
-    teacher = digits.load_digits_pipeline()
-    reference = digits_reference(teacher, digits.TEACHER_DIR / REFERENCE_NAME)
+    teacher = load_teacher(DIGITS)
+    reference = load_reference(DIGITS)
     rows = {}
     for steps in (1, 4):
-        rows[f"teacher {steps}-step DDIM"], _ = evaluate_digits(teacher, reference, steps, TEACHER_GUIDANCE,
-                                                                args.per_digit, EVAL_SEED)
+        rows[f"teacher {steps}-step DDIM"], _ = evaluate_pipeline(teacher, DIGITS, reference, steps, TEACHER_GUIDANCE,
+                                                                  args.per_digit, EVAL_SEED)
     real = real_latents(out / "real_latents.safetensors")
     for name in args.methods:
         # a method that updates its critic several times per generator update gets that many more steps
@@ -102,12 +105,7 @@ def main() -> None:
         _, result = run_distillation(method_config(name, out, real), [
             f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
         seconds = time.perf_counter() - run_start
-        student, recipe = load_exported(result.final_dir)
-        student.set_progress_bar_config(disable=True)
-        kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items()
-                  if k not in ("guidance_scale", "num_inference_steps")}
-        rows[name], _ = evaluate_digits(student, reference, recipe["num_inference_steps"], recipe["guidance_scale"],
-                                        args.per_digit, EVAL_SEED, **kwargs)
+        rows[name] = evaluate_student(result.final_dir, DIGITS, args.per_digit, EVAL_SEED)
         rows[name].update(train_seconds=round(seconds, 1), train_steps=train_steps)
         print(name, json.dumps(rows[name]), flush=True)
     report = {"rows": rows, "floors": {"fid_teacher_vs_teacher": float(reference["teacher_floor"]),

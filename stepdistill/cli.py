@@ -25,7 +25,7 @@ def _train(config: str | None, overrides: list[str]) -> dict:
                      "skipped_steps": result.skipped_steps}
     generator = trainer.generator_for_inference()
     if isinstance(generator.teacher, GMMTeacher) and trainer.accelerator.is_main_process:
-        from stepdistill.metrics.distribution import evaluate_generator
+        from stepdistill.evaluation.distribution import evaluate_generator
 
         summary["metrics"] = evaluate_generator(generator, n=4096, seed=cfg.train.seed).as_dict()
         summary["metrics_protocol"] = "4096 samples vs the true mixture; SW2 (256 projections), energy distance"
@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="distill a student: stepdistill train --config FILE [section.key=value ...]")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("teacher", help="train an offline teacher: stepdistill teacher digits [--seed 0]")
-    p.add_argument("name", choices=["digits"])
+    p = sub.add_parser("teacher", help="train an offline teacher: stepdistill teacher digits|shapes [--seed 0]")
+    p.add_argument("name", choices=["digits", "shapes"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="teacher pipeline folder (default: the shipped asset)")
     p.add_argument("--classifier-out", default=None, help="digit classifier folder (default: the shipped asset)")
-    p.add_argument("--vae-steps", type=int, default=200)
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=None, help="default: the dataset's recipe")
+    p.add_argument("--unet-steps", type=int, default=None, help="default: the dataset's recipe")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--eval-per-digit", type=int, default=20, help="teacher samples per digit for its accuracy")
     p.add_argument("--reference-per-digit", type=int, default=50, help="50-step samples per digit, FID reference")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("eval", help="evaluate a pipeline folder: digits, coco2014-30k or coco2017-5k preset")
     p.add_argument("pipeline", help="a diffusers pipeline folder (an exported student or a teacher)")
-    p.add_argument("--preset", default="digits", choices=["digits", "coco2014-30k", "coco2017-5k"])
+    p.add_argument("--preset", default="digits", choices=["digits", "shapes", "coco2014-30k", "coco2017-5k"])
     p.add_argument("--out", default=None, help="output folder (default: <pipeline>/eval-<preset>)")
     p.add_argument("--captions", help="COCO captions file (captions_val2014.json, or one caption per line)")
     p.add_argument("--reference", help="reference image folder for FID (e.g. val2014)")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-model", default=None, help="CLIP model: hub id or local folder")
     p.add_argument("--fid-backend", default="cleanfid", choices=["cleanfid", "torchmetrics"])
     p.add_argument("--fid-mode", default="clean", choices=["clean", "legacy_tensorflow", "legacy_pytorch"])
-    p.add_argument("--feature", default="inception", choices=["inception", "digits"])
+    p.add_argument("--feature", default="inception", choices=["inception", "digits", "shapes"])
     p.add_argument("--inception-weights", default="", help="local Inception weights file (torchmetrics backend)")
     p.add_argument("--speed", action="store_true", help="also measure latency and throughput")
     p = sub.add_parser("plan", help="per-GPU memory estimate of a config and the options that make it fit")
@@ -99,18 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             summary = _train(args.config, args.overrides)
         elif args.command == "teacher":
-            from stepdistill import digits
+            from stepdistill.miniature.teacher import build_teacher
 
-            summary = digits.build_digits_teacher(
-                args.out or digits.TEACHER_DIR, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                classifier_dir=args.classifier_out or digits.CLASSIFIER_DIR, device=args.device,
-                eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit)
+            summary = build_teacher(
+                args.name, args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                classifier_dir=args.classifier_out, device=args.device,
+                eval_per_class=args.eval_per_digit, reference_per_class=args.reference_per_digit)
         elif args.command == "demo":
-            from stepdistill.demo import run_demo
+            from stepdistill.miniature.demo import run_demo
 
-            summary = run_demo(args.overrides, per_digit=args.eval_per_digit)
+            summary = run_demo(args.overrides, per_class=args.eval_per_digit)
         elif args.command == "eval":
-            from stepdistill.evaluate import evaluate_cli
+            from stepdistill.evaluation.command import evaluate_cli
 
             summary = evaluate_cli(args)
         elif args.command == "plan":

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from stepdistill.config import load_config
 from stepdistill.export import load_mlp_student
-from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives.consistency import (
     Consistency,
     SegmentGenerator,
