@@ -184,3 +184,41 @@ def test_help_imports_no_torch_and_version_answers(tmp_path):
     assert "stepdistill.cli" in imported and not {"torch", "numpy", "diffusers", "accelerate"} & imported
     proc = run_cli("--version", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("stepdistill ")
+
+
+def test_ctrl_c_in_demo_is_one_line_saying_what_was_saved(tmp_path):
+    """Ctrl-C in `demo` used to save a checkpoint and then print a RuntimeError traceback with exit 1."""
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:  # the progress bars (on) say when the training loop runs
+        proc = subprocess.Popen(cli_command("demo", "train.max_steps=100000", "train.checkpoint_every=100000"),
+                                cwd=tmp_path, env=cli_env(TQDM_DISABLE=None), stdout=subprocess.PIPE,
+                                stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while "update" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=300)
+    last = assert_fails(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, log.read_text()), 130,
+                        "stopped by SIGINT", "after saving checkpoint-", "train.resume=latest")
+    step = int(last.split("after saving checkpoint-")[1].split()[0])
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / f"checkpoint-{step}").is_dir()
+    assert not (tmp_path / "runs" / "demo" / "final").exists()  # no export of an unfinished run
+
+
+def test_teacher_rebuilt_into_the_same_folder_gets_a_new_fid_reference(tmp_path):
+    """`teacher digits --out X` run twice with different settings used to keep the first teacher's FID reference."""
+    import shutil
+
+    import numpy as np
+
+    classifier = tmp_path / "classifier"
+    shutil.copytree(DIGITS_TEACHER.parent / "digits_classifier", classifier)  # reused, not retrained
+    out = tmp_path / "teacher"
+    means = []
+    for seed in (3, 4):
+        proc = run_cli("teacher", "digits", "--seed", seed, "--vae-steps", 2, "--unet-steps", 2,
+                       "--eval-per-digit", 1, "--reference-per-digit", 1, "--device", "cpu",
+                       "--classifier-out", classifier, "--out", out, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        means.append(np.load(out / "digits_reference.npz")["teacher_mu"])
+    assert not np.allclose(means[0], means[1])  # the second teacher's samples, not the first's

@@ -1,5 +1,6 @@
 """No import cycles in the package: a static graph of every `import stepdistill...` (module level and inside
-functions alike, since a deferred import still ties two modules together) must be acyclic, with the miniature
+functions alike, since a deferred import still ties two modules together; annotation-only imports under
+`if TYPE_CHECKING:` excepted) must be acyclic, with the miniature
 data layer below evaluation; and every module imports in a fresh interpreter, in reverse name order."""
 import ast
 import json
@@ -21,6 +22,13 @@ def module_files() -> dict[str, Path]:
     return files
 
 
+def is_type_checking_block(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` - imports for annotations only, never executed, so they tie no modules together."""
+    return isinstance(node, ast.If) and (
+        (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"))
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the package modules it imports (`from a.b import c` counts as a.b.c when c is a module)."""
     files = module_files()
@@ -34,7 +42,12 @@ def import_graph() -> dict[str, set[str]]:
     for module, path in files.items():
         deps = set()
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        type_only = {id(n) for block in ast.walk(tree) if is_type_checking_block(block)
+                     for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.Import):
                 deps |= {owner(a.name) for a in node.names if a.name.split(".")[0] == "stepdistill"}
             elif isinstance(node, ast.ImportFrom):
@@ -96,7 +109,8 @@ def test_miniature_data_layer_sits_below_evaluation():
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
-    names = sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], "stepdistill."))
+    names = sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], "stepdistill.")
+                   if m.name != "stepdistill.__main__")  # `python -m stepdistill`: importing it runs the command
     assert "stepdistill.evaluation.command" in names and "stepdistill.miniature.shapes" in names
     assert not any(n.startswith("stepdistill.metrics") or n in ("stepdistill.digits", "stepdistill.demo",
                                                                 "stepdistill.evaluate") for n in names)

@@ -45,7 +45,7 @@ def save_lora(pipe, name: str, backbone: nn.Module, folder: Path) -> dict:
 def write_lora_adapter(generator: Generator, teacher, folder: Path, objective: str = "") -> Path:
     """Only the student's LoRA and its scheduler, to apply to the teacher's own pipeline (atomically):
     `pipe.load_lora_weights(folder)`, `pipe.scheduler = <class>.from_pretrained(folder, subfolder="scheduler")`."""
-    from stepdistill.config import ConfigError
+    from stepdistill.config.schema import ConfigError
     from stepdistill.io import atomic_directory
 
     if teacher.pipe is None:

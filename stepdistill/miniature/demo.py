@@ -59,13 +59,13 @@ def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str]
 
 def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_class: int = EVAL_PER_CLASS,
              teacher: str | MiniatureDataset = "digits") -> dict:
+    from stepdistill.training.run import raise_if_stopped
     from stepdistill.visualize import image_grid
 
     dataset = get_dataset(teacher)
     start = time.perf_counter()
     cfg, result = run_distillation(config, overrides, dataset)
-    if result.interrupted:
-        raise RuntimeError(f"interrupted at step {result.step}; continue with train.resume=latest")
+    raise_if_stopped(result)
     train_seconds = time.perf_counter() - start
     out = Path(cfg.train.output_dir)
     print(f"stepdistill demo: evaluating the {dataset.name} teacher (50 and 1 steps) and student (1 step)", flush=True)

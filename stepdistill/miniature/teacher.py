@@ -176,6 +176,7 @@ def build_teacher(dataset: str | MiniatureDataset, out: str | Path | None = None
         report[f"prompt_accuracy_ddim{steps}_cfg{dataset.guidance:g}"] = acc
         log(f"teacher {steps}-step DDIM, CFG {dataset.guidance:g}: prompt accuracy {acc:.4f}")
     pipe.to("cpu").save_pretrained(str(out), safe_serialization=True)
+    (out / dataset.reference_name).unlink(missing_ok=True)  # a reference of an earlier teacher in this folder
     build_reference(pipe, dataset, out / dataset.reference_name, reference_per_class, classifier_dir=classifier_dir)
     report["command"] = (f"stepdistill teacher {dataset.name} --seed {seed} --vae-steps {vae_steps} "
                          f"--unet-steps {unet_steps} --device {device}")

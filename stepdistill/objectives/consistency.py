@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from stepdistill.config import PairsConfig
+from stepdistill.config.schema import PairsConfig
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 from stepdistill.schedules import NoiseSchedule, _bcast

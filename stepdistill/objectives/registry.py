@@ -18,7 +18,7 @@ def register(cls: type[Objective]) -> type[Objective]:
 
 
 def objective_class(name: str) -> type[Objective]:
-    from stepdistill.config import ConfigError
+    from stepdistill.config.schema import ConfigError
 
     if name not in REGISTRY:
         raise ConfigError(f"objective.name: {name!r} is not one of {sorted(REGISTRY)}")

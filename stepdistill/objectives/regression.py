@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from stepdistill.config import PairsConfig
+from stepdistill.config.schema import PairsConfig
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from stepdistill.config import UNET_LORA_TARGETS
+from stepdistill.config.schema import UNET_LORA_TARGETS
 
 
 def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:

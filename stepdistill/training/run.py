@@ -9,7 +9,7 @@ import signal
 from stepdistill.config import Config
 from stepdistill.errors import Stopped
 from stepdistill.training.hooks import Hook
-from stepdistill.training.trainer import Trainer
+from stepdistill.training.trainer import Trainer, TrainResult
 
 MIXTURE_SAMPLES = 4096
 
@@ -30,16 +30,21 @@ class MixtureMetrics(Hook):
         trainer.report.log_metrics(self.metrics, trainer.step)
 
 
-def run_training(cfg: Config) -> dict:
-    """Train a config to the end; returns the summary the command line prints."""
-    metrics = MixtureMetrics()
-    trainer = Trainer(cfg, hooks=[metrics])
-    result = trainer.train()
+def raise_if_stopped(result: TrainResult) -> None:
+    """A run a signal stopped ends the command with the signal's exit code and says where to continue."""
     if result.interrupted:
         name = signal.Signals(result.interrupted).name
         raise Stopped(result.interrupted, f"stopped by {name} at step {result.step} after saving checkpoint-"
                                           f"{result.step} in {result.output_dir / 'checkpoints'}; continue with "
                                           "train.resume=latest")
+
+
+def run_training(cfg: Config) -> dict:
+    """Train a config to the end; returns the summary the command line prints."""
+    metrics = MixtureMetrics()
+    trainer = Trainer(cfg, hooks=[metrics])
+    result = trainer.train()
+    raise_if_stopped(result)
     summary: dict = {"output_dir": str(result.output_dir), "steps": result.step, "export": str(result.final_dir),
                      "skipped_steps": result.skipped_steps}
     if metrics.metrics is not None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stepdistill.config import ConfigError
+from stepdistill.config.schema import ConfigError
 from stepdistill.guidance import GuidanceSampler
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, PlanHints
 from stepdistill.objectives.score_distillation.critic import CRITIC_KINDS, Critic, build_fake_score, frozen

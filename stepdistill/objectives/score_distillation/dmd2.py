@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from stepdistill.config import PairsConfig
+from stepdistill.config.schema import PairsConfig
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import reconstruction_loss
 from stepdistill.objectives.score_distillation.base import ScoreDistillation, ScoreDistillationConfig
