@@ -77,6 +77,8 @@ def model_card(recipe: dict) -> str:
         lora = (f"\nThe student's LoRA (relative to the teacher's weights) is also in `{recipe['lora']}/`: on the "
                 f"teacher pipeline, `pipe.load_lora_weights(\"<this folder>/{recipe['lora']}\")`; the backbone "
                 "saved here already has it merged.\n")
+    note = recipe["sampling"].get("note")
+    note = f"\n{note}\n" if note else ""
     return f"""# Distilled student ({recipe['num_inference_steps']}-step), exported by stepdistill
 
 A diffusers `{recipe['pipeline_class']}` folder: the teacher's components with the student's backbone and a
@@ -88,7 +90,7 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("<this folder>")
 image = pipe("a photo of a cat", {args}).images[0]
 ```
-{lora}
+{note}{lora}
 `stepdistill.json` holds the same recipe (`pipeline_kwargs`); `stepdistill.pipelines.load_exported(folder)`
 returns the pipeline and the recipe. Teacher: `{recipe['teacher']}`.
 """
