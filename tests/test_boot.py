@@ -24,7 +24,7 @@ from gmm_harness import build, optimize
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.export import export_student, load_mlp_student
-from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives.boot import Boot
 from stepdistill.students.signal import SignalGenerator
 
