@@ -39,7 +39,10 @@ METHODS: dict[str, dict] = {
     "DMD2 (no GAN)": DEMO_OBJECTIVE,
     "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "images", "gan_generator_weight": 3e-3,
                                   "gan_critic_weight": 1e-2},
+    "BOOT (data-free, signal ODE)": {"name": "boot", "lr": 1e-3, "guidance": TEACHER_GUIDANCE, "step_size": 20.0},
 }
+# Student settings a method needs beyond the demo's: BOOT's student reads pure noise and samples at t = 0.
+METHOD_STUDENTS: dict[str, dict] = {"BOOT (data-free, signal ODE)": {"timesteps": [0], "prediction_type": "sample"}}
 SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->"
 
 
@@ -63,6 +66,7 @@ def method_config(name: str, out: Path, real: Path) -> Path:
     """The demo config with this method's objective section, written to <out>/configs/ (it is what ran)."""
     tree = yaml.safe_load(DEMO_CONFIG.read_text())
     tree["objective"] = dict(METHODS[name])
+    tree["student"] = {**tree["student"], **METHOD_STUDENTS.get(name, {})}
     if tree["objective"].get("real_data") == "images":
         tree.setdefault("data", {})["image_dir"] = str(real)
     path = out / "configs" / f"{slug(name)}.yaml"

@@ -114,6 +114,12 @@ class NoiseSchedule:
         alpha = (1 + k * k).rsqrt()
         return alpha, k * alpha
 
+    def half_log_snr(self, t: Tensor) -> Tensor:
+        """lambda_t = log(alpha_t / sigma_t) in float64 (DPM-Solver's lambda; BOOT's lambda_t is its negative).
+        +inf where sigma_t = 0, -inf where alpha_t = 0 (a flow schedule's ends)."""
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha.log() - sigma.log()
+
     def _coeffs(self, t: Tensor, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=like.device))
         return _bcast(alpha, like).to(dtype), _bcast(sigma, like).to(dtype)

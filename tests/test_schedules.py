@@ -130,3 +130,21 @@ def test_timestep_sampling_ranges():
     assert float(tf.median()) > 600  # shift 3 puts most mass at high noise: median sigma = 0.75
     with pytest.raises(ValueError, match="fraction range"):
         vp.sample_timesteps(4, 0.5, 0.2)
+
+
+def test_half_log_snr_matches_dpm_solver_and_closed_forms():
+    """lambda_t = log(alpha_t / sigma_t): diffusers' DPMSolverMultistepScheduler.lambda_t on the VP grid (float32
+    there, float64 here), the Karras sigma -log(sigma) between grid points, log((1 - s) / s) for flow."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler(**SD)
+    ours = NoiseSchedule.from_scheduler_config(ref.config)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    torch.testing.assert_close(ours.half_log_snr(t), ref.lambda_t[t].double(), atol=1e-5, rtol=1e-5)
+    half = torch.tensor([499.5])  # alpha/sigma = 1/k with k the linearly interpolated Karras sigma
+    k = (((1 - ref.alphas_cumprod[499:501].double()) / ref.alphas_cumprod[499:501].double()) ** 0.5).mean()
+    torch.testing.assert_close(ours.half_log_snr(half), -k.log().reshape(1), atol=1e-12, rtol=1e-12)
+    flow = NoiseSchedule.flow(3.0)
+    t = torch.tensor([0.0, 100.0, 500.0, 1000.0], dtype=torch.float64)
+    s = t / 1000
+    torch.testing.assert_close(flow.half_log_snr(t), ((1 - s) / s).log())  # +inf at clean data, -inf at noise

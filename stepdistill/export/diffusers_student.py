@@ -156,6 +156,8 @@ def write_model_card(folder: Path, example_prompt: str | None = None, training: 
         lora = (f"\nThe student's LoRA (relative to the teacher's weights) is also in `{recipe['lora']}/`: on the "
                 f"teacher pipeline, `pipe.load_lora_weights(\"<this folder>/{recipe['lora']}\")`; the backbone "
                 "saved here already has it merged.\n")
+    note = recipe["sampling"].get("note")
+    note = f"\n{note}\n" if note else ""
     trained = (f"Distilled from `{base or recipe['teacher']}` with the `{recipe['objective']}` objective"
                + (f" for {training['steps']} training steps" if training and "steps" in training else "") + ".")
     text = f"""# Distilled student ({recipe['num_inference_steps']}-step), exported by stepdistill
@@ -172,7 +174,7 @@ image = pipe({prompt!r}, {args}).images[0]
 
 Pass these arguments: the pipeline's defaults (50 steps, guidance 7.5) are the teacher's, not the student's,
 and the scheduler refuses or misuses them. From the shell: `stepdistill sample <this folder> {prompt!r}`.
-{lora}
+{note}{lora}
 `stepdistill.json` holds the same recipe (`pipeline_kwargs`); `stepdistill.pipelines.load_exported(folder)`
 returns the pipeline and the recipe.
 """

@@ -1,12 +1,13 @@
 """Distillation objectives, one file (or family folder) per method; `register` adds one to REGISTRY, which maps a
 config's `objective.name` to its class."""
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, PlanHints
+from stepdistill.objectives.boot import Boot
 from stepdistill.objectives.consistency import Consistency
 from stepdistill.objectives.registry import REGISTRY, build_objective, objective_class, register
 from stepdistill.objectives.regression import Regression
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
 
-for _cls in (Regression, DMD2, Consistency):
+for _cls in (Regression, DMD2, Consistency, Boot):
     register(_cls)
 
 __all__ = ["REGISTRY", "Objective", "ObjectiveConfig", "OptimizerGroup", "PlanHints", "build_objective",

@@ -22,7 +22,8 @@ class SamplingRecipe:
     schedule: NoiseSchedule
     guidance_scale: float = 0.0  # the pipeline's guidance_scale argument (0: no classifier-free guidance)
     any_num_steps: bool = False  # a multistep model: sampled at any number of steps of its schedule's grid
-    extra: dict = field(default_factory=dict)  # generator-specific facts recorded in the export
+    # generator-specific facts recorded in the export; "note": a paragraph for the model card
+    extra: dict = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
