@@ -23,6 +23,14 @@ from stepdistill.metrics.digits import REFERENCE_NAME, TEACHER_GUIDANCE, digits_
 from stepdistill.pipelines import load_exported
 
 DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
+PRESETS = Path(__file__).resolve().parents[1] / "stepdistill" / "presets"
+
+
+def preset_objective(name: str) -> dict:
+    """The objective section of a shipped digits preset (its train section is the demo's)."""
+    return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())["objective"]
+
+
 # Each method's objective section; everything else (teacher, student = a copy of its UNet at t = 999, batch 32,
 # seed) is the demo's. Teacher-sample methods use the teacher at the reference's CFG scale 3 (LCM form: omega 2).
 METHODS: dict[str, dict] = {
@@ -36,6 +44,9 @@ METHODS: dict[str, dict] = {
     "DMD2 (no GAN)": DEMO_OBJECTIVE,
     "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "images", "gan_generator_weight": 3e-3,
                                   "gan_critic_weight": 1e-2},
+    "VSD (SwiftBrush)": preset_objective("vsd_digits"),
+    "VSD + PG-SB random guidance (SNOOPI)": preset_objective("snoopi_digits"),
+    "SiD (LSG guidance)": preset_objective("sid_digits"),
 }
 SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->"
 

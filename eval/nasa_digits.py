@@ -65,7 +65,7 @@ def main() -> None:
             "confident_share": float((confidence >= 0.9).float().mean())}
     rows = {}
     for d, name in enumerate(DIGITS):
-        negative = f"a handwritten digit {name}"
+        negative = [f"a handwritten digit {name}"] * args.samples  # a list, as diffusers wants for a list of prompts
         row = {"none": summarize(digit, confidence, d)}
         for a in args.nasa_scales:
             row[f"NASA alpha={a:g}"] = summarize(*read_digits(pipe, classifier, args.samples, args.seed,
