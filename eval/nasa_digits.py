@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.miniature.classifier import load_classifier
+from stepdistill.miniature.digits import DIGITS as DIGITS_DATASET
 from stepdistill.pipelines import load_exported
 from stepdistill.pipelines.nasa import nasa_pipeline
 
@@ -24,10 +26,8 @@ DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 
 
 def digit_classifier():
-    """The shipped digits classifier (logits of 16x16 RGB images in [0, 1]); the one import of its loader."""
-    from stepdistill.digits import load_classifier
-
-    return load_classifier().eval()
+    """The shipped digits classifier (logits of 16x16 RGB images in [0, 1])."""
+    return load_classifier(DIGITS_DATASET.classifier_dir).eval()
 
 
 @torch.no_grad()
