@@ -86,8 +86,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "nasa.json").write_text(json.dumps(report, indent=2))
-    lines = ["| negative prompt through | share of the negated digit (mean over digits) | digits whose share at least "
-             "halves | mean top-class probability | share read with probability >= 0.9 |", "|---|---|---|---|---|"]
+    header = ("| negative prompt through | share of the negated digit (mean over digits) | digits whose share at least "
+              "halves | mean top-class probability | share read with probability >= 0.9 |")
+    lines = [header, "|---|---|---|---|---|"]
     for s in settings:
         lines.append(f"| {s} | {mean[s]['share']:.3f} | {removed[s] if s != 'none' else ''} | "
                      f"{mean[s]['confidence']:.3f} | {mean[s]['confident_share']:.3f} |")

@@ -27,7 +27,7 @@ def test_every_method_config_loads_with_its_own_objective(bench, tmp_path):
         assert cfg.student.timesteps == [999] and cfg.train.batch_size == 32  # the shared budget
     gan = load_config(bench.method_config("DMD2 + GAN on real digits", tmp_path, tmp_path / "real_digits"))
     assert gan.objective.real_data == "images" and gan.data.image_dir == str(tmp_path / "real_digits")
-    assert names == {"regression", "consistency", "dmd2"}
+    assert names == {"regression", "consistency", "dmd2", "vsd", "sid"}
 
 
 def test_section_is_replaced_and_the_rest_kept(bench, tmp_path):

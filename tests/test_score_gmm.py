@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-
 from gmm_harness import build, optimize
+
 from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives.score_distillation.gradients import surrogate_loss
 from stepdistill.objectives.score_distillation.sid import SiD
@@ -26,7 +25,7 @@ class VSDFlippedSign(VSD):
     """Defect: the VSD gradient points from the teacher's score toward the fake one."""
 
     def variational_score_loss(self, x, cond):
-        loss, grad = super().variational_score_loss(x, cond)
+        _, grad = super().variational_score_loss(x, cond)
         return surrogate_loss(x, -grad), -grad
 
 

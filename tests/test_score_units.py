@@ -8,7 +8,10 @@ from stepdistill.config import ConfigError, load_config
 from stepdistill.guidance import GuidanceSampler
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.score_distillation.critic import Critic
-from stepdistill.objectives.score_distillation.gradients import score_identity_loss, variational_score_gradient
+from stepdistill.objectives.score_distillation.gradients import (
+    score_identity_loss,
+    variational_score_gradient,
+)
 
 TINY = ["teacher.backbone_hidden=32"]
 GUIDED = ["teacher.num_classes=4", "objective.real_guidance_range=[1.0,4.0]", "objective.critic_null_prob=0.1"]
