@@ -26,6 +26,14 @@ DIGITS = get_dataset("digits")
 TEACHER_GUIDANCE = DIGITS.guidance
 
 DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
+PRESETS = Path(__file__).resolve().parents[1] / "stepdistill" / "presets"
+
+
+def preset_objective(name: str) -> dict:
+    """The objective section of a shipped digits preset (its train section is the demo's)."""
+    return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())["objective"]
+
+
 # Each method's objective section; everything else (teacher, student = a copy of its UNet at t = 999, batch 32,
 # seed) is the demo's. Teacher-sample methods use the teacher at the reference's CFG scale 3 (LCM form: omega 2).
 METHODS: dict[str, dict] = {
@@ -40,6 +48,9 @@ METHODS: dict[str, dict] = {
     "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "images", "gan_generator_weight": 3e-3,
                                   "gan_critic_weight": 1e-2},
     "BOOT (data-free, signal ODE)": {"name": "boot", "lr": 1e-3, "guidance": TEACHER_GUIDANCE, "step_size": 20.0},
+    "VSD (SwiftBrush)": preset_objective("vsd_digits"),
+    "VSD + PG-SB random guidance (SNOOPI)": preset_objective("snoopi_digits"),
+    "SiD (LSG guidance)": preset_objective("sid_digits"),
 }
 # Student settings a method needs beyond the demo's: BOOT's student reads pure noise and samples at t = 0.
 METHOD_STUDENTS: dict[str, dict] = {"BOOT (data-free, signal ODE)": {"timesteps": [0], "prediction_type": "sample"}}

@@ -29,7 +29,7 @@ def test_every_method_config_loads_with_its_own_objective(bench, tmp_path):
         assert cfg.train.batch_size == 32
     gan = load_config(bench.method_config("DMD2 + GAN on real digits", tmp_path, tmp_path / "real_digits"))
     assert gan.objective.real_data == "images" and gan.data.image_dir == str(tmp_path / "real_digits")
-    assert names == {"regression", "consistency", "dmd2", "boot"}
+    assert names == {"regression", "consistency", "dmd2", "boot", "vsd", "sid"}
 
 
 def test_section_is_replaced_and_the_rest_kept(bench, tmp_path):

@@ -6,8 +6,10 @@ from stepdistill.objectives.consistency import Consistency
 from stepdistill.objectives.registry import REGISTRY, build_objective, objective_class, register
 from stepdistill.objectives.regression import Regression
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
+from stepdistill.objectives.score_distillation.sid import SiD
+from stepdistill.objectives.score_distillation.vsd import VSD
 
-for _cls in (Regression, DMD2, Consistency, Boot):
+for _cls in (Regression, DMD2, Consistency, Boot, VSD, SiD):
     register(_cls)
 
 __all__ = ["REGISTRY", "Objective", "ObjectiveConfig", "OptimizerGroup", "PlanHints", "build_objective",

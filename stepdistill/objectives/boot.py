@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stepdistill.config import ConfigError
+from stepdistill.config.schema import ConfigError
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
 from stepdistill.schedules import _bcast
 from stepdistill.students import Generator, student_schedule

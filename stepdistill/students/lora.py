@@ -20,10 +20,10 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str]) -
         raise ValueError(f"none of the LoRA targets {targets} exist in {type(backbone).__name__}")
     backbone.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present)
-    if is_diffusers_model(backbone):  # diffusers models carry peft integration (add_adapter, save/load)
+    if hasattr(backbone, "add_adapter"):  # diffusers models with peft integration (add_adapter, save/load)
         backbone.add_adapter(config)
         return backbone
-    return inject_adapter_in_model(config, backbone)
+    return inject_adapter_in_model(config, backbone)  # MLPs, and diffusers models without it (PixArt)
 
 
 def is_diffusers_model(net: nn.Module) -> bool:

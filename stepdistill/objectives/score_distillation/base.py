@@ -4,19 +4,21 @@ two time-scale updates, backward simulation for multi-step students and an optio
 A method supplies its generator loss; the critic's denoising loss and the GAN terms are here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from stepdistill.config.schema import ConfigError
-from stepdistill.guidance import GuidanceSampler
+from stepdistill.guidance import GUIDANCE_DRAWS, GuidanceSampler, apply_guidance
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, PlanHints
 from stepdistill.objectives.score_distillation.critic import CRITIC_KINDS, Critic, build_fake_score, frozen
 from stepdistill.objectives.score_distillation.real_data import REAL_DATA, RealSamples
 from stepdistill.teachers.base import Cond
 
+FAKE_GUIDANCE = ("none", "same")
+CRITIC_WEIGHTINGS = ("uniform", "alpha2")
 SHARED_CRITIC_RANK = 64  # the planner's shared-base critic rung: the LoRA rank of the MSD and SNOOPI recipes
 
 
@@ -25,7 +27,7 @@ class ScoreDistillationConfig(ObjectiveConfig):
     generator_lr: float = 1e-5
     critic_lr: float = 1e-5
     weight_decay: float = 0.01
-    max_grad_norm: float = 10.0
+    max_grad_norm: float = 10.0  # 0: no clipping
     critic_updates: int = 10  # critic updates per generator update (TTUR)
     real_guidance: float = 1.75  # CFG scale of the real score, standard form
     min_step: float = 0.02  # generator-loss timesteps uniform in [min_step, max_step] * T
@@ -37,12 +39,26 @@ class ScoreDistillationConfig(ObjectiveConfig):
     gan_critic_weight: float = 1e-2
     gan_max_step: float = 1.0  # real and fake are noised with t ~ U[0, gan_max_step * T) (diffusion GAN)
     backward_simulation: bool = True  # DMD2 §4.4, multi-step students only
+    # SNOOPI's PG-SB: the real score's guidance drawn from U[low, high] instead of real_guidance (empty: fixed),
+    # one scale per sample or one per batch (real_guidance_draw)
+    real_guidance_range: list[float] = field(default_factory=list)
+    real_guidance_draw: str = "sample"
+    # the fake score's guidance in the generator loss: none (DMD2: conditional, unguided) | same (the real score's
+    # scale, the same draw: SwiftBrush, PG-SB, SiD-LSG)
+    fake_guidance: str = "none"
+    critic_guidance: float = 1.0  # CFG of the fake score's output in its own denoising loss (SiD-LSG's kappa_1)
+    critic_null_prob: float = 0.0  # conditions dropped to the null one in the critic's loss (SwiftBrush: 0.1)
+    critic_weighting: str = "uniform"  # uniform (DMD2) | alpha2 (SwiftBrush: alpha_t^2 times the squared error)
+    critic_lora_alpha: float = 0.0  # LoRA critics: the scaling alpha (0: the rank)
+    critic_lora_targets: list[str] = field(default_factory=list)  # LoRA critics: module names (empty: the defaults)
 
-    CHOICES = {"critic": CRITIC_KINDS, "real_data": REAL_DATA}
-    RANGES = {"generator_lr": ">0", "critic_lr": ">0", "weight_decay": ">=0", "max_grad_norm": ">0",
+    CHOICES = {"critic": CRITIC_KINDS, "real_data": REAL_DATA, "real_guidance_draw": GUIDANCE_DRAWS,
+               "fake_guidance": FAKE_GUIDANCE, "critic_weighting": CRITIC_WEIGHTINGS}
+    RANGES = {"generator_lr": ">0", "critic_lr": ">0", "weight_decay": ">=0", "max_grad_norm": ">=0",
               "critic_updates": ">=1", "real_guidance": ">=0", "min_step": "[0,1]", "max_step": "[0,1]",
               "critic_lora_rank": ">=1", "gan_generator_weight": ">=0", "gan_critic_weight": ">=0",
-              "gan_max_step": "(0,1]"}
+              "gan_max_step": "(0,1]", "critic_guidance": ">=0", "critic_null_prob": "[0,1]",
+              "critic_lora_alpha": ">=0"}
 
 
 def autocast_off(device: torch.device):
@@ -63,9 +79,10 @@ class ScoreDistillation(Objective):
         self.real: RealSamples | None = None
         if config.real_data == "mixture":
             self.real = RealSamples("mixture", teacher)
-        self.critic = Critic(teacher, build_fake_score(teacher, config.critic, config.critic_lora_rank),
-                             with_head=bool(config.real_data))
-        self.real_guidance = GuidanceSampler(config.real_guidance)
+        fake_score = build_fake_score(teacher, config.critic, config.critic_lora_rank,
+                                      config.critic_lora_alpha or None, config.critic_lora_targets or None)
+        self.critic = Critic(teacher, fake_score, with_head=bool(config.real_data))
+        self.real_guidance = real_guidance_sampler(config)
         self._sample: tuple[int, Tensor, Cond] | None = None  # (step, detached generator sample, its conditions)
 
     @classmethod
@@ -129,18 +146,50 @@ class ScoreDistillation(Objective):
         return self.generator.schedule.add_noise(real, noise, self.generator.time(k, noise))
 
     # ------------------------------------------------------------------ scores
-    def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """x0 of the frozen teacher with classifier-free guidance, in float64. No autocast: the teacher runs in its
-        own dtype, as the official code runs its bf16 real UNet (`sd_guidance.py`)."""
-        guidance = self.real_guidance(len(cond), x_t.device)
+    def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | Tensor | None = None) -> Tensor:
+        """x0 of the frozen teacher with classifier-free guidance (default: a draw of the real guidance), in
+        float64. No autocast: the teacher runs in its own dtype, as the official code runs its bf16 real UNet
+        (`sd_guidance.py`)."""
+        if guidance is None:
+            guidance = self.real_guidance(len(cond), x_t.device)
         with autocast_off(x_t.device):
             return self.teacher.predict(x_t, t, cond, guidance, dtype=torch.float64).x0
 
-    def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """x0 of the critic's fake score (conditional, unguided), in float64; the fake score runs in full precision
-        also under mixed precision, as in the official code ("autocast and no_grad doesn't work well together")."""
-        out, _ = self.critic(x_t, t, cond.fields, full_precision=True)
+    def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | Tensor = 1.0) -> Tensor:
+        """x0 of the critic's fake score (default: conditional, unguided), in float64; the fake score runs in full
+        precision also under mixed precision, as in the official code ("autocast and no_grad doesn't work well
+        together")."""
+        out = self.fake_output(x_t, t, cond, guidance, full_precision=True)
         return self.teacher.schedule.to_x0_eps(out, x_t, t, dtype=torch.float64)[0]
+
+    def fake_output(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | Tensor = 1.0,
+                    full_precision: bool = False) -> Tensor:
+        """Raw fake-score output with classifier-free guidance: the null and conditional branches in one batched
+        call (guidance 1: the conditional branch alone)."""
+        if isinstance(guidance, (int, float)) and guidance == 1.0:
+            return self.critic(x_t, t, cond.fields, full_precision=full_precision)[0]
+        out, _ = self.critic(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.with_null(), full_precision=full_precision)
+        out_uncond, out_cond = out.chunk(2)
+        return apply_guidance(out_uncond, out_cond, guidance)
+
+    def guided_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """(x0_real, x0_fake) at one draw of the real guidance: the fake score unguided (fake_guidance=none, DMD2)
+        or with the same scale, the same draw (same: SwiftBrush §3.2, SNOOPI's PG-SB, SiD-LSG)."""
+        if self.config.fake_guidance == "none":
+            return self.real_x0(x_t, t, cond), self.fake_x0(x_t, t, cond)
+        guidance = self.real_guidance(len(cond), x_t.device)
+        return self.real_x0(x_t, t, cond, guidance), self.fake_x0(x_t, t, cond, guidance)
+
+    def critic_condition(self, cond: Cond) -> Cond:
+        """The critic's training condition: each sample's replaced by the null condition with probability
+        critic_null_prob, so that the fake score's null branch (which its guidance uses) is trained too."""
+        p = self.config.critic_null_prob
+        if p == 0 or not cond.fields:
+            return cond
+        drop = torch.rand(len(cond), device=next(iter(cond.fields.values())).device) < p
+        fields = {k: torch.where(drop.reshape(-1, *([1] * (v.ndim - 1))), cond.null[k], v)
+                  for k, v in cond.fields.items()}
+        return Cond(fields, cond.null, len(cond))
 
     def gan_timesteps(self, n: int, device: torch.device) -> Tensor:
         T = self.teacher.schedule.num_train_timesteps
@@ -196,9 +245,13 @@ class ScoreDistillation(Objective):
         t = schedule.sample_timesteps(x.shape[0], 0.0, 1.0, device=x.device)
         eps = torch.randn_like(x)
         x_t = schedule.add_noise(x, eps, t)
-        out, _ = self.critic(x_t, t, cond.fields)
+        out = self.fake_output(x_t, t, self.critic_condition(cond), c.critic_guidance)
         target = schedule.from_x0_eps(x.float(), eps.float(), t)
-        loss_denoise = F.mse_loss(out.float(), target.float())
+        if c.critic_weighting == "alpha2":  # SwiftBrush's MSE(alpha_t eps_fake, alpha_t eps)
+            alpha = schedule.alpha_sigma(t)[0].float().reshape(-1, *([1] * (x.ndim - 1)))
+            loss_denoise = F.mse_loss(alpha * out.float(), alpha * target.float())
+        else:
+            loss_denoise = F.mse_loss(out.float(), target.float())
         losses = {"denoise": loss_denoise}
         total = loss_denoise
         if self.real is not None and c.gan_critic_weight > 0:
@@ -218,3 +271,13 @@ class ScoreDistillation(Objective):
         losses["loss"] = total
         return losses
 
+
+def real_guidance_sampler(config: ScoreDistillationConfig) -> GuidanceSampler:
+    """The real score's guidance: fixed at real_guidance, or PG-SB's U[low, high] (real_guidance_range)."""
+    if not config.real_guidance_range:
+        return GuidanceSampler(config.real_guidance)
+    if len(config.real_guidance_range) != 2 or config.real_guidance_range[0] > config.real_guidance_range[1]:
+        raise ConfigError(f"objective.real_guidance_range={config.real_guidance_range} must be [low, high] with "
+                          "low <= high, e.g. [0.5, 4.0] (SNOOPI's SD1.5 range), or [] for a fixed real_guidance")
+    low, high = config.real_guidance_range
+    return GuidanceSampler(low, high, config.real_guidance_draw)

@@ -110,24 +110,26 @@ class Critic(nn.Module):
         return out, self.head(features.float()).reshape(-1)
 
 
-def build_fake_score(teacher: Teacher, kind: str, rank: int) -> nn.Module:
+def build_fake_score(teacher: Teacher, kind: str, rank: int, alpha: float | None = None,
+                     targets: list[str] | None = None) -> nn.Module:
     """The fake score mu_fake, initialized as the teacher: a trainable copy (full), a LoRA on a frozen copy (lora),
     or a LoRA injected into the teacher's own backbone (shared_base). In the shared case the teacher then
     denoises through `BaseNetwork`, the same module with its adapters switched off for each call, so every teacher
     evaluation (real score, regression pairs, samples) sees the base weights while the critic calls it with the
-    adapters on: one set of frozen weights instead of two."""
+    adapters on: one set of frozen weights instead of two. LoRA scaling `alpha` defaults to the rank, `targets` to
+    the backbone's default LoRA targets (SwiftBrush: to_q and to_v, alpha 108)."""
     if kind == "full":
         return teacher.build_backbone()
     if kind == "lora":
         net = teacher.build_backbone()
-        return add_lora(net, rank, float(rank), lora_targets(net))
+        return add_lora(net, rank, alpha or float(rank), targets or lora_targets(net))
     if kind != "shared_base":
         raise ValueError(f"critic kind {kind!r} is not one of {CRITIC_KINDS}")
     if teacher.backbone is None:
         raise ValueError(f"a shared-base critic needs a teacher whose denoiser is a network; the "
                          f"{type(teacher).__name__} teacher has none: use a full or lora critic")
     base = teacher.backbone
-    net = adapters_to_fp32(add_lora(base, rank, float(rank), lora_targets(base)))
+    net = adapters_to_fp32(add_lora(base, rank, alpha or float(rank), targets or lora_targets(base)))
     teacher.share_backbone(BaseNetwork(net))
     return net
 

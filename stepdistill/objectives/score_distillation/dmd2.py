@@ -48,7 +48,7 @@ class DMD2(ScoreDistillation):
         with torch.no_grad():
             t = schedule.sample_timesteps(x.shape[0], c.min_step, c.max_step, device=x.device)
             x_t = schedule.add_noise(x.detach(), torch.randn_like(x), t)
-            grad = distribution_matching_gradient(x, self.real_x0(x_t, t, cond), self.fake_x0(x_t, t, cond))
+            grad = distribution_matching_gradient(x, *self.guided_x0(x_t, t, cond))
         return surrogate_loss(x, grad), grad
 
     def generator_loss(self, x: Tensor, cond: Cond, batch: dict[str, Tensor]) -> dict[str, Tensor]:
