@@ -20,12 +20,13 @@ from stepdistill.config.schema import (
     ConfigError,
     DataConfig,
     PairsConfig,
+    PartitionConfig,
     StudentConfig,
     TeacherConfig,
     TrainConfig,
 )
 
-__all__ = ["PRESETS", "UNET_LORA_TARGETS", "Config", "ConfigError", "DataConfig", "PairsConfig", "StudentConfig",
-           "TeacherConfig", "TrainConfig", "build_dataclass", "check_teacher_source", "config_from_dict",
+__all__ = ["PRESETS", "UNET_LORA_TARGETS", "Config", "ConfigError", "DataConfig", "PairsConfig", "PartitionConfig",
+           "StudentConfig", "TeacherConfig", "TrainConfig", "build_dataclass", "check_teacher_source", "config_from_dict",
            "config_to_dict", "load_config", "load_config_tree", "parse_overrides", "parse_set", "preset_names",
            "read_config_tree", "resolve_config_path"]

@@ -78,12 +78,28 @@ class PairsConfig:
 
 
 @dataclass
+class PartitionConfig:
+    """One part of the condition space (multi-student distillation): the conditions are split into `parts`
+    balanced parts (stepdistill.data.partition) and a run samples only those of `part`."""
+
+    parts: int = 1  # 1: every condition
+    part: int = 0  # 0..parts-1
+    rule: str = "auto"  # auto | classes (contiguous class ranges) | embeddings (balanced k-means of text embeddings)
+    seed: int = 0  # seeds the clustering (embeddings)
+    dir: str = ""  # where the fitted partition is saved; default: <train.output_dir>/partition
+
+    CHOICES = {"rule": ("auto", "classes", "embeddings")}
+    RANGES = {"parts": ">=1", "part": ">=0"}
+
+
+@dataclass
 class DataConfig:
     prompts_file: str = ""  # one prompt per line (text teachers); empty: a small built-in list
     num_workers: int = 0
     image_dir: str = ""  # a folder of real images (e.g. a GAN real branch); checked before training
     resolution: int = 0  # image side in pixels the student produces; 0: the teacher's default
     bad_images: str = "refuse"  # refuse | skip: what unreadable or mis-sized files in image_dir do
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
 
     CHOICES = {"bad_images": ("refuse", "skip")}
     RANGES = {"num_workers": ">=0", "resolution": ">=0"}
