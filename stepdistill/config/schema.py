@@ -50,6 +50,7 @@ class StudentConfig:
     schedule: str = "teacher"  # teacher (the teacher's noise schedule) | flow (a rectified-flow student)
     flow_shift: float = 1.0  # schedule=flow: the resolution shift of the student's own flow schedule
     prediction_type: str | None = None  # None: the parameterization of the student's schedule
+    width: float = 1.0  # `smaller`: the teacher's channel widths times this ratio (before `overrides`)
     overrides: dict = field(default_factory=dict)  # backbone config overrides for `smaller`
     lora_rank: int = 64
     lora_alpha: float = 64.0
@@ -60,7 +61,7 @@ class StudentConfig:
 
     CHOICES = {"kind": ("copy", "smaller", "lora"), "schedule": ("teacher", "flow"),
                "prediction_type": (None, "epsilon", "v_prediction", "sample", "flow")}
-    RANGES = {"lora_rank": ">=1", "lora_alpha": ">0", "flow_shift": ">0"}
+    RANGES = {"lora_rank": ">=1", "lora_alpha": ">0", "flow_shift": ">0", "width": "(0,1]"}
 
 
 @dataclass
