@@ -5,8 +5,9 @@ from stepdistill.objectives.consistency import Consistency
 from stepdistill.objectives.registry import REGISTRY, build_objective, objective_class, register
 from stepdistill.objectives.regression import Regression
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
+from stepdistill.objectives.score_matching import ScoreMatching
 
-for _cls in (Regression, DMD2, Consistency):
+for _cls in (Regression, DMD2, Consistency, ScoreMatching):
     register(_cls)
 
 __all__ = ["REGISTRY", "Objective", "ObjectiveConfig", "OptimizerGroup", "PlanHints", "build_objective",
