@@ -6,16 +6,18 @@ import json
 import sys
 
 
-def _train(config: str | None, overrides: list[str]) -> dict:
-    from stepdistill.config import config_from_dict, load_config_tree
+def _train(config: str | None, overrides: list[str], only: list[str] | None = None) -> dict:
+    from stepdistill.config import ConfigError, config_from_dict, load_config_tree
     from stepdistill.training import Trainer
 
     tree = load_config_tree(config, overrides)
     if tree.get("recipe"):  # a multi-stage run: one training per stage
         from stepdistill.recipes import run_recipe
 
-        stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)))
+        stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)), only=only)
         return {"stages": stages}
+    if only:
+        raise ConfigError("--stage selects stages of a recipe, and this config has no recipe")
     cfg = config_from_dict(tree)
     trainer = Trainer(cfg)
     result = trainer.train()
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="distill a student: stepdistill train --config FILE|PRESET [section.key=value ...]")
     p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
+    p.add_argument("--stage", dest="stages", action="append", default=None, metavar="NAME",
+                   help="run only this stage of a recipe (repeatable; a fan-out's name: all its stages), e.g. one "
+                        "launch per GPU group")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("teacher", help="train an offline teacher: stepdistill teacher digits [--seed 0]")
     p.add_argument("name", choices=["digits"])
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             from stepdistill.training.accel import close_process_group
 
             try:
-                summary = _train(args.config, args.overrides)
+                summary = _train(args.config, args.overrides, args.stages)
             finally:
                 close_process_group()
         elif args.command == "teacher":
