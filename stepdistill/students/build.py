@@ -131,10 +131,14 @@ def width_overrides(template: nn.Module, width: float) -> dict:
         raise ValueError(f"student.width scales UNet and MLP backbones; for {type(template).__name__} set "
                          "student.overrides (e.g. fewer layers or attention heads)")
     heads = config.get("attention_head_dim")
-    heads = max(heads) if isinstance(heads, (list, tuple)) else heads or 1
-    step = math.lcm(8, heads)  # multiples of 8 channels that the attention heads divide
-    channels = [max(step, round(c * width / step) * step) for c in config["block_out_channels"]]
-    groups = math.gcd(config.get("norm_num_groups") or 32, *channels)
+    heads = math.lcm(*heads) if isinstance(heads, (list, tuple)) else heads or 1
+    groups = config.get("norm_num_groups") or 32
+    step = math.lcm(8, heads, groups)  # widths the attention heads and the GroupNorm groups divide
+    channels = [round(c * width / step) * step for c in config["block_out_channels"]]
+    if min(channels) == 0:  # narrower than the teacher's GroupNorm groups allow: fewer groups
+        step = math.lcm(8, heads)
+        channels = [max(step, round(c * width / step) * step) for c in config["block_out_channels"]]
+        groups = math.gcd(groups, *channels)
     return {"block_out_channels": channels, "norm_num_groups": groups}
 
 
