@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gmm_harness import build
-from stepdistill.config import ConfigError, PartitionConfig, TeacherConfig
+
+from stepdistill.config import ConfigError, PartitionConfig, TeacherConfig, load_config
 from stepdistill.data import ConditionSource, PairDataset, pair_dir
 from stepdistill.data.partition import (
     ClassRanges,
@@ -18,6 +18,7 @@ from stepdistill.data.partition import (
 from stepdistill.teachers import GaussianMixture, GMMTeacher, load_teacher
 from stepdistill.teachers.base import Cond
 from stepdistill.teachers.tiny import save_tiny_pipeline
+from stepdistill.training import Trainer
 
 PROMPTS = [f"a photo of a {thing}" for thing in ("cat", "dog", "horse", "bird", "car", "boat", "tree", "house",
                                                   "lake", "city", "bowl of fruit", "mountain")]
@@ -107,3 +108,11 @@ def test_a_part_restricts_the_sampled_conditions_but_not_the_regression_pairs(tm
     assert set(sampled.tolist()) == {2, 3}
     pairs = PairDataset(pair_dir(objective.config.pairs, tmp_path)).tensors["cond_index"]
     assert set(pairs.tolist()) == set(range(8))
+
+
+def test_a_partition_of_an_objective_that_trains_on_pair_caches_is_refused(tmp_path):
+    cfg = load_config("configs/regression_gmm.yaml", [
+        "teacher.num_classes=4", "objective.pairs.num=64", "objective.pairs.steps=2", "data.partition.parts=2",
+        f"train.output_dir={tmp_path}", "train.report_to=none", "train.progress=false"])
+    with pytest.raises(ConfigError, match="data.partition restricts the conditions an objective samples"):
+        Trainer(cfg)

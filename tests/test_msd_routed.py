@@ -18,9 +18,12 @@ import yaml
 from diffusers import StableDiffusionPipeline
 
 from stepdistill.cli import main
+from stepdistill.config import ConfigError, read_config_tree
 from stepdistill.data.partition import load_partition
 from stepdistill.pipelines import load_exported
 from stepdistill.pipelines.routed import RoutedPipeline
+from stepdistill.recipes import plan_stages
+from stepdistill.recipes.runner import stage_config
 from stepdistill.teachers.tiny import save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +33,7 @@ PROMPTS = ["a photo of a cat", "a red sports car", "a bowl of fruit", "a lightho
 LAUNCHER = """
 import sys, time
 from stepdistill.cli import main
+from stepdistill.config import ConfigError, read_config_tree
 from stepdistill.training import DEFAULT_HOOKS, Hook
 
 class PauseInSecondStudent(Hook):
@@ -146,3 +150,26 @@ def test_students_trained_by_separate_launches_are_routed_by_the_full_run(tiny_s
     assert {k: mtimes(run / f"student-{k}") for k in (0, 1)} == students
     pipe, _ = load_exported(run / "routed" / "final")
     assert sorted(set(pipe.route(PROMPTS).tolist())) == [0, 1]
+
+
+@pytest.mark.parametrize("preset,routes", [("msd_gmm", ["student-0", "student-1", "student-2", "student-3"]),
+                                           ("msd_sd15", ["adm-0", "adm-1", "adm-2", "adm-3"]),
+                                           ("msd_sd15_smaller", ["dm-0", "dm-1", "dm-2", "dm-3"])])
+def test_presets_fan_out_one_student_per_part_and_route_them(preset, routes):
+    stages = plan_stages(read_config_tree(preset))
+    by_name = {s.name: s for s in stages}
+    assert stages[-1].routes == routes
+    parts = [stage_config(by_name[name], by_name).data.partition for name in routes]
+    assert [p.part for p in parts] == [0, 1, 2, 3] and {p.parts for p in parts} == {4}
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ([{"name": "s", "for_each": {"data.partition.part": [0, 1], "train.seed": [0]}}], "different lengths"),
+    ([{"name": "s", "for_each": {"data.partition.part": 0}}], "non-empty lists"),
+    ([{"name": "s"}, {"name": "r", "route": "s"}], "not an earlier stage with for_each"),
+    ([{"name": "s", "for_each": {"data.partition.part": [0, 1]}}, {"name": "r", "route": "s", "set": {}}],
+     "takes only name and route"),
+])
+def test_bad_fan_outs_and_route_stages_are_refused_by_name(recipe, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_stages({**read_config_tree("msd_gmm"), "recipe": recipe})

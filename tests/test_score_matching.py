@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gmm_harness import optimize
+
 from stepdistill.config import load_config
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.score_matching import ScoreMatching

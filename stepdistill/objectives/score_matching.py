@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from stepdistill.config import PairsConfig
+from stepdistill.config import ConfigError, PairsConfig
 from stepdistill.data import ConditionDataset, ImageFolderDataset, PairDataset, RealImages, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
 from stepdistill.teachers.base import Cond
@@ -46,6 +46,12 @@ class ScoreMatching(Objective):
         c = self.config
         return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,
                                max_grad_norm=c.max_grad_norm)]
+
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        if cfg.objective.data == "images" and not cfg.data.image_dir:
+            raise ConfigError("objective.data=images needs data.image_dir: a folder of real images with "
+                              "metadata.jsonl captions (or use objective.data=pairs, the teacher's own samples)")
 
     def check_compatible(self) -> None:
         if self.generator.schedule is not self.teacher.schedule:

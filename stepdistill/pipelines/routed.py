@@ -6,6 +6,7 @@ encoders, tokenizers, scheduler) once, one backbone per student. `RoutedGenerato
 generators (e.g. MLP students of the analytic teacher)."""
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +52,15 @@ class RoutedPipeline:
         first = DiffusionPipeline.from_pretrained(str(folder / recipe["students"][0]), **kwargs)
         name = recipe["backbone"]
         template = getattr(first, name)
+        init_params = inspect.signature(type(first).__init__).parameters
+        settings = {k: v for k, v in first.config.items()  # e.g. requires_safety_checker
+                    if not k.startswith("_") and k not in first.components and k in init_params}
         pipelines = [first]
         for student in recipe["students"][1:]:
-            backbone = type(template).from_pretrained(str(folder / student / name))
-            backbone = backbone.to(template.device, template.dtype)
-            pipelines.append(type(first)(**{**first.components, name: backbone}))
+            backbone = type(template).from_pretrained(str(folder / student / name)).to(template.device)
+            if backbone.dtype != template.dtype:
+                backbone = backbone.to(template.dtype)
+            pipelines.append(type(first)(**{**first.components, name: backbone}, **settings))
         return cls(pipelines, load_partition(folder / recipe["partition"]), recipe)
 
     @property
