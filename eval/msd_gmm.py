@@ -4,7 +4,7 @@ batch 128"), on the 8-class overlapping ring at guidance 3 (configs/msd_gmm.yaml
 CFG samples; 4096 samples with the same labels; SW2 and the mode TV of (label, nearest mode) histograms. Also a
 router that sends every class to the next student (a deliberate defect). One CPU thread.
 
-    python eval/msd_gmm.py [--seeds 0 1 2] [--steps 4000] [--batch 32] [--parts 4] [--overrides key=value ...]
+    python eval/msd_gmm.py [--seeds 0 1 2] [--steps 1000] [--batch 32] [--parts 4] [--overrides key=value ...]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from stepdistill.data.partition import ClassRanges, restrict_to_part
 from stepdistill.metrics.distribution import evaluate_generator
 from stepdistill.pipelines.routed import RoutedGenerator
 
-CONFIG = "configs/msd_gmm.yaml"
+CONFIG = "msd_gmm"  # the preset
 GUIDANCE = 3.0
 
 
@@ -45,15 +45,18 @@ def reference(overrides: list[str], n: int = 4096) -> tuple[torch.Tensor, torch.
     return labels, x
 
 
-def train_students(parts: int, batch: int, steps: int, seed: int, overrides: list[str]) -> RoutedGenerator:
-    """One DMD2 student per part of the classes (its own critic and seed), as the MSD recipe's fan-out trains them."""
-    generators, partition = [], None
+def train_students(parts: int, batch: int, steps: int, seed: int, overrides: list[str]
+                   ) -> tuple[RoutedGenerator, list[list[int]]]:
+    """One DMD2 student per part of the classes (its own critic and seed), as the MSD recipe's fan-out trains them;
+    also the classes each student trained on."""
+    generators, classes, partition = [], [], None
     with tempfile.TemporaryDirectory() as folder:
         for k in range(parts):
             objective = build(CONFIG, overrides, seed=seed * 1000 + k)
             partition = restrict_to_part(objective.source, PartitionConfig(parts=parts, part=k), folder)
+            classes.append(list(objective.source.train_indices))
             generators.append(optimize(objective, steps, batch, seed=seed * 1000 + k).generator)
-    return RoutedGenerator(generators, partition)
+    return RoutedGenerator(generators, partition), classes
 
 
 def train_single(batch: int, steps: int, seed: int, overrides: list[str]):
@@ -63,7 +66,7 @@ def train_single(batch: int, steps: int, seed: int, overrides: list[str]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=4000, help="training steps (2 per generator update)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (2 per generator update)")
     parser.add_argument("--batch", type=int, default=32, help="batch of each of the K students")
     parser.add_argument("--parts", type=int, default=4)
     parser.add_argument("--overrides", nargs="*", default=[])
@@ -74,7 +77,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         start = time.process_time()
-        routed = train_students(args.parts, args.batch, args.steps, seed, args.overrides)
+        routed, _ = train_students(args.parts, args.batch, args.steps, seed, args.overrides)
         msd_cpu = time.process_time() - start
         start = time.process_time()
         single = train_single(args.parts * args.batch, args.steps, seed, args.overrides)
