@@ -17,10 +17,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from stepdistill import digits
-from stepdistill.demo import DEMO_CONFIG, EVAL_SEED, asset_overrides, markdown_table, run_distillation
-from stepdistill.metrics.digits import REFERENCE_NAME, TEACHER_GUIDANCE, digits_reference, evaluate_digits
-from stepdistill.pipelines import load_exported
+from stepdistill.evaluation.miniature import evaluate_pipeline, evaluate_student, load_reference
+from stepdistill.miniature import get_dataset
+from stepdistill.miniature.demo import (
+    DEMO_CONFIG,
+    EVAL_SEED,
+    asset_overrides,
+    markdown_table,
+    run_distillation,
+)
+from stepdistill.miniature.teacher import load_teacher
+
+DIGITS = get_dataset("digits")
+TEACHER_GUIDANCE = DIGITS.guidance
 
 DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
 # Each method's objective section; everything else (teacher, student = a copy of its UNet at t = 999, batch 32,
@@ -83,14 +92,14 @@ def real_images(folder: Path) -> Path:
     """The train digits as PNGs with their prompts as captions (metadata.jsonl): the GAN's real data."""
     from PIL import Image
 
-    images, labels = digits.load_digit_images("train")
+    images, labels = DIGITS.load_images("train")
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (image, label) in enumerate(zip(images, labels)):
         name = f"{i:05d}.png"
         array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         Image.fromarray(array).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": digits.digit_prompt(int(label))}))
+        lines.append(json.dumps({"file_name": name, "text": DIGITS.prompts[int(label)]}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -152,12 +161,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
-    teacher = digits.load_digits_pipeline()
-    reference = digits_reference(teacher, digits.TEACHER_DIR / REFERENCE_NAME)
+    teacher = load_teacher(DIGITS)
+    reference = load_reference(DIGITS)
     rows = {}
     for steps in (1, 4):
-        rows[f"teacher {steps}-step DDIM"], _ = evaluate_digits(teacher, reference, steps, TEACHER_GUIDANCE,
-                                                                args.per_digit, EVAL_SEED)
+        rows[f"teacher {steps}-step DDIM"], _ = evaluate_pipeline(teacher, DIGITS, reference, steps, TEACHER_GUIDANCE,
+                                                                  args.per_digit, EVAL_SEED)
     real = real_images(out / "real_digits")
     for name in args.methods:
         run_start, cpu_start = time.perf_counter(), time.process_time()
@@ -170,12 +179,7 @@ def main() -> None:
                 f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
             final_dir = result.final_dir
         seconds, cpu_seconds = time.perf_counter() - run_start, time.process_time() - cpu_start
-        student, recipe = load_exported(final_dir)
-        student.set_progress_bar_config(disable=True)
-        kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items()
-                  if k not in ("guidance_scale", "num_inference_steps")}
-        rows[name], _ = evaluate_digits(student, reference, recipe["num_inference_steps"], recipe["guidance_scale"],
-                                        args.per_digit, EVAL_SEED, **kwargs)
+        rows[name] = evaluate_student(final_dir, DIGITS, args.per_digit, EVAL_SEED)
         rows[name].update(train_seconds=round(seconds, 1), train_cpu_seconds=round(cpu_seconds, 1),
                           train_steps=train_steps)
         print(name, json.dumps(rows[name]), flush=True)

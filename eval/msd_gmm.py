@@ -22,7 +22,7 @@ from gmm_harness import build, optimize
 
 from stepdistill.config import PartitionConfig
 from stepdistill.data.partition import ClassRanges, restrict_to_part
-from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.pipelines.routed import RoutedGenerator
 
 CONFIG = "msd_gmm"  # the preset

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.pipelines.routed import RoutedGenerator
 
 SEEDS, STEPS, BATCH, PARTS = (0, 1, 2), 1000, 32, 4

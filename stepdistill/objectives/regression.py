@@ -34,6 +34,10 @@ class Regression(Objective):
     config_class = RegressionConfig
     config: RegressionConfig
 
+    @property
+    def reference_guidance(self) -> float:
+        return self.config.pairs.guidance
+
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
         return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,
