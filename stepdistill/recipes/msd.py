@@ -17,16 +17,15 @@ from stepdistill.export.routed import export_routed
 from stepdistill.io import write_atomic
 
 
-def run_route_stage(stage, members: list[tuple[Config, object]], overwrite: bool = False) -> dict:
+def run_route_stage(stage, members: list[tuple[Config, object]], stage_file: str, overwrite: bool = False) -> dict:
     """Write the routed export of the finished `members` (config and Stage of each fanned-out student) into
-    stage.final; skipped when it was written from the same students."""
+    stage.final; skipped when it was written from the same students. `stage_file` is the runner's record of a
+    finished stage, in each stage's output folder."""
     from accelerate import PartialState
 
-    from stepdistill.recipes.runner import STAGE_FILE
-
-    records = [json.loads((member.output_dir / STAGE_FILE).read_text()) for _, member in members]
+    records = [json.loads((member.output_dir / stage_file).read_text()) for _, member in members]
     digest = hashlib.sha256(json.dumps([r["config_hash"] for r in records]).encode()).hexdigest()[:16]
-    record = stage.output_dir / STAGE_FILE
+    record = stage.output_dir / stage_file
     if record.is_file() and not overwrite and stage.final.is_dir():
         done = json.loads(record.read_text())
         if done.get("config_hash") == digest:

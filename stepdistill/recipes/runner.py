@@ -188,7 +188,7 @@ def run_recipe(tree: dict, overwrite: bool = False, only: list[str] | None = Non
             from stepdistill.recipes.msd import run_route_stage
 
             results.append(run_route_stage(stage, [(stage_config(by_name[n], by_name), by_name[n])
-                                                   for n in stage.routes], overwrite))
+                                                   for n in stage.routes], STAGE_FILE, overwrite))
             continue
         cfg = stage_config(stage, by_name)
         digest = config_hash(cfg)
