@@ -132,6 +132,9 @@ def run_recipe_method(name: str, out: Path, real: Path, updates: int) -> tuple[P
     from stepdistill.recipes import run_recipe
 
     stages = run_recipe(recipe_tree(name, out, real, updates))
+    if stages[-1].get("interrupted"):
+        raise SystemExit(f"{name}: stage {stages[-1]['stage']} stopped at step {stages[-1]['steps']}; run the same "
+                         "command to continue it")
     return Path(stages[-1]["export"]), sum(stage.get("steps", 0) for stage in stages)
 
 
