@@ -19,7 +19,13 @@ import yaml
 
 from stepdistill.evaluation.miniature import evaluate_pipeline, evaluate_student, load_reference
 from stepdistill.miniature import get_dataset
-from stepdistill.miniature.demo import DEMO_CONFIG, EVAL_SEED, markdown_table, run_distillation
+from stepdistill.miniature.demo import (
+    DEMO_CONFIG,
+    EVAL_SEED,
+    asset_overrides,
+    markdown_table,
+    run_distillation,
+)
 from stepdistill.miniature.teacher import load_teacher
 
 DIGITS = get_dataset("digits")
@@ -54,6 +60,45 @@ METHODS: dict[str, dict] = {
 }
 # Student settings a method needs beyond the demo's: BOOT's student reads pure noise and samples at t = 0.
 METHOD_STUDENTS: dict[str, dict] = {"BOOT (data-free, signal ODE)": {"timesteps": [0], "prediction_type": "sample"}}
+TSM_STEPS = 1000  # teacher score matching of the half-width student, before its DMD2 stage
+
+
+def msd(parts: int, same_total: bool):
+    """Multi-student distillation (docs/MSD.md): one demo DMD2 student per part of the ten prompts, then the routed
+    export; the method's generator updates are split over the students (`same_total`) or given to each."""
+    def tree(updates: int, real: Path) -> dict:
+        per_student = updates // parts if same_total else updates
+        return {"data": {"partition": {"parts": parts}},
+                "train": {"max_steps": per_student * DEMO_OBJECTIVE["critic_updates"]},
+                "recipe": [{"name": "student", "for_each": {"data.partition.part": list(range(parts))}},
+                           {"name": "routed", "route": "student"}]}
+    return tree
+
+
+def half_width(tsm: bool):
+    """A student of half the teacher's channel widths (random init), distilled by the demo's DMD2, after a teacher
+    score matching stage on the real train digits (MSD §3.3) or without it."""
+    def tree(updates: int, real: Path) -> dict:
+        dmd2 = {"name": "dmd2", "set": {"objective": dict(DEMO_OBJECTIVE),
+                                         "train.max_steps": updates * DEMO_OBJECTIVE["critic_updates"]}}
+        if not tsm:
+            return {"student": {"kind": "smaller", "width": 0.5}, "recipe": [dmd2]}
+        dmd2["set"]["student.init"] = "${stages.tsm.final}"
+        return {"student": {"kind": "smaller", "width": 0.5}, "data": {"image_dir": str(real)},
+                "recipe": [{"name": "tsm", "set": {"objective": {"name": "score_matching", "lr": 1e-3,
+                                                                 "data": "images"},
+                                                   "train.max_steps": TSM_STEPS}}, dmd2]}
+    return tree
+
+
+# Rows trained by a recipe over the demo config: name -> tree(generator updates, real digits folder) to overlay.
+RECIPES = {
+    "MSD, 2 students (DMD2, same total updates)": msd(2, same_total=True),
+    "MSD, 5 students (DMD2, same total updates)": msd(5, same_total=True),
+    "MSD, 2 students (DMD2, same updates each)": msd(2, same_total=False),
+    "half-width student, DMD2 (no TSM)": half_width(tsm=False),
+    "half-width student, TSM then DMD2": half_width(tsm=True),
+}
 SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->"
 
 
@@ -86,6 +131,28 @@ def method_config(name: str, out: Path, real: Path) -> Path:
     return path
 
 
+def recipe_tree(name: str, out: Path, real: Path, updates: int) -> dict:
+    """The demo config with a RECIPES row's sections laid over it; its stages train in <out>/<slug>/."""
+    from stepdistill.config import load_config_tree
+
+    tree = load_config_tree(DEMO_CONFIG, asset_overrides() + [f"train.output_dir={out / slug(name)}",
+                                                              "train.seed=0"])
+    for section, values in RECIPES[name](updates, real).items():
+        tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
+    return tree
+
+
+def run_recipe_method(name: str, out: Path, real: Path, updates: int) -> tuple[Path, int]:
+    """Train a RECIPES row; returns its last stage's export and its training steps."""
+    from stepdistill.recipes import run_recipe
+
+    stages = run_recipe(recipe_tree(name, out, real, updates))
+    if stages[-1].get("interrupted"):
+        raise SystemExit(f"{name}: stage {stages[-1]['stage']} stopped at step {stages[-1]['steps']}; run the same "
+                         "command to continue it")
+    return Path(stages[-1]["export"]), sum(stage.get("steps", 0) for stage in stages)
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
 
@@ -108,7 +175,7 @@ def main() -> None:
     parser.add_argument("--generator-steps", type=int, default=150, help="generator updates per method")
     parser.add_argument("--per-digit", type=int, default=50, help="evaluation samples per digit and row")
     parser.add_argument("--markdown", default="", help="also write the table into this file's digits section")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=[*METHODS, *RECIPES], choices=[*METHODS, *RECIPES])
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
@@ -120,14 +187,19 @@ def main() -> None:
                                                                   args.per_digit, EVAL_SEED)
     real = real_images(out / "real_digits")
     for name in args.methods:
-        # a method that updates its critic several times per generator update gets that many more steps
-        train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))
-        run_start = time.perf_counter()
-        _, result = run_distillation(method_config(name, out, real), [
-            f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
-        seconds = time.perf_counter() - run_start
-        rows[name] = evaluate_student(result.final_dir, DIGITS, args.per_digit, EVAL_SEED)
-        rows[name].update(train_seconds=round(seconds, 1), train_steps=train_steps)
+        run_start, cpu_start = time.perf_counter(), time.process_time()
+        if name in RECIPES:
+            final_dir, train_steps = run_recipe_method(name, out, real, args.generator_steps)
+        else:
+            # a method that updates its critic several times per generator update gets that many more steps
+            train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))
+            _, result = run_distillation(method_config(name, out, real), [
+                f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
+            final_dir = result.final_dir
+        seconds, cpu_seconds = time.perf_counter() - run_start, time.process_time() - cpu_start
+        rows[name] = evaluate_student(final_dir, DIGITS, args.per_digit, EVAL_SEED)
+        rows[name].update(train_seconds=round(seconds, 1), train_cpu_seconds=round(cpu_seconds, 1),
+                          train_steps=train_steps)
         print(name, json.dumps(rows[name]), flush=True)
     report = {"rows": rows, "floors": {"fid_teacher_vs_teacher": float(reference["teacher_floor"]),
                                        "fid_real_vs_real": float(reference["real_floor"])},

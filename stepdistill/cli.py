@@ -56,6 +56,9 @@ def build_parser() -> Parser:
 
     p = command("train", "distill a student: stepdistill train --config FILE|PRESET [section.key=value ...]")
     p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
+    p.add_argument("--stage", dest="stages", action="append", default=None, metavar="NAME",
+                   help="run only this stage of a recipe (repeatable; a fan-out's name: all its stages), e.g. one "
+                        "launch per GPU group")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
     p = command("sample", "images from an exported student or a pipeline folder, with a labelled grid")
     p.add_argument("export", help="an exported student (final/) or a diffusers pipeline folder")
@@ -123,7 +126,7 @@ def _out_folder(value: str, flag: str) -> Path:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from stepdistill.config import check_before_import, config_from_dict, load_config_tree
+    from stepdistill.config import ConfigError, check_before_import, config_from_dict, load_config_tree
 
     tree = load_config_tree(args.config, args.overrides)
     if tree.get("recipe"):  # a multi-stage run: one training per stage
@@ -131,7 +134,8 @@ def _train(args: argparse.Namespace) -> dict:
         from stepdistill.training.accel import close_process_group
 
         try:
-            stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)))
+            stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)),
+                                only=args.stages)
         finally:
             close_process_group()
         stopped = [s for s in stages if s.get("interrupted")]
@@ -139,6 +143,8 @@ def _train(args: argparse.Namespace) -> dict:
             raise Stopped(stopped[-1]["interrupted"], f"recipe stage {stopped[-1]['stage']} stopped at step "
                           f"{stopped[-1]['steps']}; run the same command to continue")
         return {"stages": stages}
+    if args.stages:
+        raise ConfigError("--stage selects stages of a recipe, and this config has no recipe")
     check_before_import(tree)
     cfg = config_from_dict(tree)
     from stepdistill.training import run_training

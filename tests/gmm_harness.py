@@ -31,8 +31,9 @@ def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0, l
     cached = data.tensors if isinstance(data, PairDataset) else None  # cached teacher pairs / trajectories
     torch.manual_seed(seed + 1)
     for step in range(steps):
-        if cached is None:
-            batch = {"cond_index": torch.randint(0, len(objective.source), (batch_size,))}
+        if cached is None:  # the source's training conditions (one part of a partition, or all)
+            conditions = torch.as_tensor(objective.source.train_indices)
+            batch = {"cond_index": conditions[torch.randint(0, len(conditions), (batch_size,))]}
         else:
             index = torch.randint(0, len(data), (batch_size,))
             batch = {k: v[index] for k, v in cached.items()}

@@ -48,3 +48,14 @@ def test_table_extra_columns_line_up():
     table = markdown_table({"student": row}, {"teacher_floor": 4.0, "real_floor": 12.0}, {"train s": "train_seconds"})
     lines = table.splitlines()
     assert {line.count("|") for line in lines} == {9} and lines[2].endswith("| 12.5 |")
+
+
+def test_every_recipe_row_plans_valid_stages(bench, tmp_path):
+    """The multi-student and smaller-student rows (docs/MSD.md) are recipes over the demo config."""
+    from stepdistill.recipes import plan_stages
+
+    stages = {name: [s.name for s in plan_stages(bench.recipe_tree(name, tmp_path, tmp_path / "real", 300))]
+              for name in bench.RECIPES}
+    assert stages["MSD, 5 students (DMD2, same total updates)"] == [f"student-{k}" for k in range(5)] + ["routed"]
+    assert stages["half-width student, TSM then DMD2"] == ["tsm", "dmd2"]
+    assert stages["half-width student, DMD2 (no TSM)"] == ["dmd2"]

@@ -26,13 +26,14 @@ from stepdistill.config.schema import (
     ConfigError,
     DataConfig,
     PairsConfig,
+    PartitionConfig,
     StudentConfig,
     TeacherConfig,
     TrainConfig,
 )
 
-__all__ = ["PRESETS", "UNET_LORA_TARGETS", "Config", "ConfigError", "DataConfig", "PairsConfig", "StudentConfig",
-           "TeacherConfig", "TrainConfig", "build_dataclass", "check_before_import", "check_mixed_precision",
-           "check_output_dir", "check_pipeline_folder", "check_teacher_source", "config_from_dict",
+__all__ = ["PRESETS", "UNET_LORA_TARGETS", "Config", "ConfigError", "DataConfig", "PairsConfig", "PartitionConfig",
+           "StudentConfig", "TeacherConfig", "TrainConfig", "build_dataclass", "check_before_import",
+           "check_mixed_precision", "check_output_dir", "check_pipeline_folder", "check_teacher_source", "config_from_dict",
            "config_to_dict", "load_config", "load_config_tree", "parse_overrides", "parse_set", "preset_names",
            "read_config_tree", "resolve_config_path", "resolve_report_to"]

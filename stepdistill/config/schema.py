@@ -50,6 +50,7 @@ class StudentConfig:
     schedule: str = "teacher"  # teacher (the teacher's noise schedule) | flow (a rectified-flow student)
     flow_shift: float = 1.0  # schedule=flow: the resolution shift of the student's own flow schedule
     prediction_type: str | None = None  # None: the parameterization of the student's schedule
+    width: float = 1.0  # `smaller`: the teacher's channel widths times this ratio (before `overrides`)
     overrides: dict = field(default_factory=dict)  # backbone config overrides for `smaller`
     lora_rank: int = 64
     lora_alpha: float = 64.0
@@ -60,7 +61,7 @@ class StudentConfig:
 
     CHOICES = {"kind": ("copy", "smaller", "lora"), "schedule": ("teacher", "flow"),
                "prediction_type": (None, "epsilon", "v_prediction", "sample", "flow")}
-    RANGES = {"lora_rank": ">=1", "lora_alpha": ">0", "flow_shift": ">0"}
+    RANGES = {"lora_rank": ">=1", "lora_alpha": ">0", "flow_shift": ">0", "width": "(0,1]"}
 
 
 @dataclass
@@ -78,12 +79,28 @@ class PairsConfig:
 
 
 @dataclass
+class PartitionConfig:
+    """One part of the condition space (multi-student distillation): the conditions are split into `parts`
+    balanced parts (stepdistill.data.partition) and a run samples only those of `part`."""
+
+    parts: int = 1  # 1: every condition
+    part: int = 0  # 0..parts-1
+    rule: str = "auto"  # auto | classes (contiguous class ranges) | embeddings (balanced k-means of text embeddings)
+    seed: int = 0  # seeds the clustering (embeddings)
+    dir: str = ""  # where the fitted partition is saved; default: <train.output_dir>/partition
+
+    CHOICES = {"rule": ("auto", "classes", "embeddings")}
+    RANGES = {"parts": ">=1", "part": ">=0"}
+
+
+@dataclass
 class DataConfig:
     prompts_file: str = ""  # one prompt per line (text teachers); empty: a small built-in list
     num_workers: int = 0
     image_dir: str = ""  # a folder of real images (e.g. a GAN real branch); checked before training
     resolution: int = 0  # image side in pixels the student produces; 0: the teacher's default
     bad_images: str = "refuse"  # refuse | skip: what unreadable or mis-sized files in image_dir do
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
 
     CHOICES = {"bad_images": ("refuse", "skip")}
     RANGES = {"num_workers": ">=0", "resolution": ">=0"}

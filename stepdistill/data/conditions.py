@@ -20,7 +20,10 @@ DEFAULT_PROMPTS = [
 
 
 class ConditionSource:
-    """Maps condition indices to the teacher's conditioning: class labels (GMM) or prompts (text teachers)."""
+    """Maps condition indices to the teacher's conditioning: class labels (GMM) or prompts (text teachers).
+
+    `train_indices` are the conditions a run samples: all of them, or one part of a partition (`restrict`); every
+    index stays encodable, so caches of teacher outputs over all conditions are unaffected."""
 
     def __init__(self, teacher: Teacher, prompts: Sequence[str] | None = None) -> None:
         self.teacher = teacher
@@ -28,6 +31,7 @@ class ConditionSource:
         self.prompts = list(prompts) if prompts is not None else None
         if self.prompts is not None and not self.prompts:
             raise ValueError("the prompt list is empty: give a prompts file with one prompt per line")
+        self.train_indices: list[int] = list(range(len(self)))
 
     def __len__(self) -> int:
         if self.prompts is not None:
@@ -39,6 +43,17 @@ class ConditionSource:
             return self.teacher.encode([self.prompts[int(i)] for i in index])
         return self.teacher.encode(index.cpu() if self.num_classes else torch.zeros_like(index.cpu()))
 
+    def conditions(self) -> list[str] | Tensor:
+        """Every condition as the teacher encodes it: the prompts, or the class labels."""
+        if self.prompts is not None:
+            return list(self.prompts)
+        return torch.arange(len(self)) if self.num_classes else torch.zeros(1, dtype=torch.long)
+
+    def restrict(self, indices: Sequence[int]) -> None:
+        """Sample only the conditions `indices` (e.g. one part of a partition)."""
+        if not indices or min(indices) < 0 or max(indices) >= len(self):
+            raise ValueError(f"condition indices must be a non-empty subset of 0..{len(self) - 1}")
+        self.train_indices = sorted({int(i) for i in indices})
 
     def identity(self) -> list:
         """What the conditions are (the prompts, or the number of classes): part of every teacher-output cache key."""
@@ -65,15 +80,17 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 class ConditionDataset(Dataset):
-    """Items {"cond_index": i mod len(source)}: an epoch visits every condition equally often."""
+    """Items {"cond_index": indices[i mod len(indices)]}: an epoch visits every condition equally often. `indices`
+    are a source's training conditions, or a count n for 0..n-1."""
 
-    def __init__(self, num_sources: int, length: int = 1 << 20) -> None:
-        self.num_sources, self.length = num_sources, max(length, num_sources)
+    def __init__(self, indices: Sequence[int] | int, length: int = 1 << 20) -> None:
+        self.indices = list(range(indices)) if isinstance(indices, int) else list(indices)
+        self.length = max(length, len(self.indices))
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"cond_index": torch.tensor(i % self.num_sources)}
+        return {"cond_index": torch.tensor(self.indices[i % len(self.indices)])}
 
 

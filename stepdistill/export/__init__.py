@@ -1,7 +1,8 @@
 """Export of trained students by product: a diffusers pipeline folder for students of diffusers teachers
 (diffusers_student.py, with the scheduler of schedulers.py), MLP weights + JSON for the analytic teacher (mlp.py).
-Objectives with another product (a routed pipeline, a custom pipeline) override `Objective.export` and write
-through `atomic_directory` too. Every export is written atomically: a crash leaves the previous one or none."""
+Objectives with another product (a custom pipeline) override `Objective.export` and write through
+`atomic_directory` too; the routed export of K students (MSD, written by the recipe runner) is routed.py. Every
+export is written atomically: a crash leaves the previous one or none."""
 from __future__ import annotations
 
 from pathlib import Path

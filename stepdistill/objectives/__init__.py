@@ -8,8 +8,9 @@ from stepdistill.objectives.regression import Regression
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
 from stepdistill.objectives.score_distillation.sid import SiD
 from stepdistill.objectives.score_distillation.vsd import VSD
+from stepdistill.objectives.score_matching import ScoreMatching
 
-for _cls in (Regression, DMD2, Consistency, Boot, VSD, SiD):
+for _cls in (Regression, DMD2, Consistency, Boot, VSD, SiD, ScoreMatching):
     register(_cls)
 
 __all__ = ["REGISTRY", "Objective", "ObjectiveConfig", "OptimizerGroup", "PlanHints", "build_objective",

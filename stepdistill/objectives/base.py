@@ -131,8 +131,8 @@ class Objective(nn.Module):
         first, so the others reuse what it wrote."""
 
     def dataset(self) -> Dataset:
-        """Training items; the default is one condition index per item."""
-        return ConditionDataset(len(self.source))
+        """Training items; the default is one index of the source's training conditions per item."""
+        return ConditionDataset(self.source.train_indices)
 
     def trace_phase(self, phase: str, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The forward with gradient that `phase` backpropagates through, on probe inputs: what the memory planner

@@ -23,7 +23,14 @@ def _diffusers(folder: Path, recipe: dict, **kwargs):
     return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
 
 
+def _routed(folder: Path, recipe: dict, **kwargs):
+    from stepdistill.pipelines.routed import RoutedPipeline
+
+    return RoutedPipeline.from_pretrained(folder, **kwargs)
+
+
 register_product_loader("diffusers", _diffusers)
+register_product_loader("routed", _routed)
 
 
 def load_exported(folder: str | Path, **from_pretrained_kwargs):

@@ -8,6 +8,10 @@ resumes from its latest checkpoint.
     recipe:
       - {name: seg8, set: {objective.num_segments: 8, train.max_steps: 5000}}
       - {name: seg4, set: {objective.num_segments: 4, student.init: "${stages.seg8.final}"}}
+
+A stage with `for_each: {key: [values]}` fans out into independent stages NAME-0, NAME-1, ...; `{name: ..., route:
+NAME}` writes the routed export of a fan-out over the parts of a partition (multi-student distillation, msd.py).
+`stepdistill train --stage NAME` runs only the named stages (separate launches, e.g. one per GPU group).
 """
 from stepdistill.recipes.runner import Stage, plan_stages, run_recipe
 

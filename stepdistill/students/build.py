@@ -2,6 +2,7 @@
 optionally starting from saved weights (`student.init`)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from torch import nn
@@ -23,7 +24,7 @@ def build_backbone(teacher: Teacher, cfg) -> nn.Module:
     if cfg.kind == "copy":
         backbone = teacher.build_backbone()
     elif cfg.kind == "smaller":
-        backbone = build_smaller_backbone(teacher.build_backbone(), cfg.overrides)
+        backbone = build_smaller_backbone(teacher.build_backbone(), cfg.overrides, cfg.width)
     elif cfg.kind == "lora":
         backbone = add_lora(teacher.build_backbone(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     else:
@@ -94,10 +95,13 @@ def load_init_adapter(backbone: nn.Module, path: str) -> None:
         raise ValueError(f"student.init: {p}: {e}") from e
 
 
-def build_smaller_backbone(template: nn.Module, overrides: dict) -> nn.Module:
-    """The template's architecture with config overrides (fewer blocks/channels), freshly initialized."""
-    if not overrides:
-        raise ValueError("student.kind=smaller needs student.overrides, e.g. {block_out_channels: [32, 64]}")
+def build_smaller_backbone(template: nn.Module, overrides: dict, width: float = 1.0) -> nn.Module:
+    """The template's architecture with its channel widths scaled by `width` and config overrides (fewer
+    blocks/channels) on top, freshly initialized."""
+    if not overrides and width == 1.0:
+        raise ValueError("student.kind=smaller needs student.width < 1 or student.overrides, e.g. student.width=0.5 "
+                         "or {block_out_channels: [32, 64]}")
+    overrides = {**width_overrides(template, width), **overrides}
     if is_diffusers_model(template):
         unknown = sorted(set(overrides) - set(template.config))
         if unknown:
@@ -111,6 +115,31 @@ def build_smaller_backbone(template: nn.Module, overrides: dict) -> nn.Module:
             raise ValueError(f"student.overrides for the MLP backbone take {sorted(allowed)}, got {sorted(overrides)}")
         return TimeCondMLP(template.data_dim, template.num_classes, **overrides)
     raise ValueError(f"cannot build a smaller version of {type(template).__name__}")
+
+
+def width_overrides(template: nn.Module, width: float) -> dict:
+    """Config overrides that scale a backbone's channel widths by `width` (MSD's smaller students reduce channel
+    width): a UNet's block_out_channels (its GroupNorm groups divide the new widths), the MLP's hidden size."""
+    if width == 1.0:
+        return {}
+    from stepdistill.mlp import TimeCondMLP
+
+    if isinstance(template, TimeCondMLP):
+        return {"hidden": max(1, round(template.inp.out_features * width))}
+    config = getattr(template, "config", {})
+    if "block_out_channels" not in config:
+        raise ValueError(f"student.width scales UNet and MLP backbones; for {type(template).__name__} set "
+                         "student.overrides (e.g. fewer layers or attention heads)")
+    heads = config.get("attention_head_dim")
+    heads = math.lcm(*heads) if isinstance(heads, (list, tuple)) else heads or 1
+    groups = config.get("norm_num_groups") or 32
+    step = math.lcm(8, heads, groups)  # widths the attention heads and the GroupNorm groups divide
+    channels = [round(c * width / step) * step for c in config["block_out_channels"]]
+    if min(channels) == 0:  # narrower than the teacher's GroupNorm groups allow: fewer groups
+        step = math.lcm(8, heads)
+        channels = [max(step, round(c * width / step) * step) for c in config["block_out_channels"]]
+        groups = math.gcd(groups, *channels)
+    return {"block_out_channels": channels, "norm_num_groups": groups}
 
 
 def public_config(model: nn.Module) -> dict:

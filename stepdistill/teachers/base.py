@@ -104,8 +104,9 @@ class Teacher(ABC):
         return [""] if self.needs_prompts else [0]
 
     @abstractmethod
-    def encode(self, prompts: Sequence | Tensor) -> Cond:
-        """Conditioning for prompts (strings) or class labels; cached where encoding is expensive."""
+    def encode(self, prompts: Sequence | Tensor, cache: bool = True) -> Cond:
+        """Conditioning for prompts (strings) or class labels; kept for later calls where encoding is expensive,
+        unless `cache` is off (one pass over many conditions: routing every prompt of a large file)."""
 
     @abstractmethod
     def call(self, net: nn.Module, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:

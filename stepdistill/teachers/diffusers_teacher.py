@@ -67,19 +67,21 @@ class DiffusersTeacher(Teacher):
         return self._encode([""])
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str] | str) -> Cond:
+    def encode(self, prompts: Sequence[str] | str, cache: bool = True) -> Cond:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"{type(self).__name__}.encode takes prompt strings, got {type(prompts[0]).__name__}")
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        encoded: dict[str, dict[str, Tensor]] = {}
         if missing:
             fields = self._encode(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = {k: v[i:i + 1].cpu() for k, v in fields.items()}
+            encoded = {p: {k: v[i:i + 1].cpu() for k, v in fields.items()} for i, p in enumerate(missing)}
+            if cache:
+                self._cache.update(encoded)
         if self._null is None:
             self._null = {k: v.cpu() for k, v in self._encode_null().items()}
         n = len(prompts)
-        fields = {k: torch.cat([self._cache[p][k] for p in prompts]) for k in self._null}
+        fields = {k: torch.cat([(encoded.get(p) or self._cache[p])[k] for p in prompts]) for k in self._null}
         null = {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
         return Cond(fields, null, n).to(self.device)
 

@@ -98,7 +98,7 @@ class GMMTeacher(Teacher):
     def num_classes(self) -> int:
         return self.mixture.num_classes
 
-    def encode(self, prompts: Sequence | Tensor) -> Cond:
+    def encode(self, prompts: Sequence | Tensor, cache: bool = True) -> Cond:
         labels = torch.as_tensor(prompts, dtype=torch.long)
         if not self.num_classes:
             return Cond({}, {}, len(labels))

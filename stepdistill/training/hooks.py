@@ -39,7 +39,8 @@ def save_preview(generator, source, n: int, path: str | Path, seed: int = 0) -> 
     teacher = generator.teacher
     device = next(generator.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    index = torch.arange(n) % len(source)
+    conditions = torch.as_tensor(source.train_indices)
+    index = conditions[torch.arange(n) % len(conditions)]
     noise = torch.randn((n, *teacher.sample_shape), generator=g).to(device)
     cond = source.encode(index).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

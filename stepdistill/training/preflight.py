@@ -1,6 +1,6 @@
 """The trainer's checks before work: the inputs a config names (teacher source, options, the objective's own
-refusals, prompts, real images) before the teacher loads; the checkpoint to resume from; the student the objective
-built (its parameterization and timesteps against its schedule) before any pair generation or training."""
+refusals, the partition, prompts, real images) before the teacher loads; the checkpoint to resume from; the student
+the objective built (its parameterization and timesteps against its schedule) before any pair generation or training."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stepdistill.config import Config, ConfigError, check_teacher_source
 from stepdistill.data import ImageFolderDataset, read_prompts
+from stepdistill.data.partition import check_partition_config
 from stepdistill.objectives import objective_class
 from stepdistill.training import checkpoint, options
 
@@ -21,6 +22,7 @@ def check_inputs(cfg: Config, load_teacher: bool, warn: Callable[..., None]) -> 
     if cfg.teacher.offload and (refusal := options.teacher_offload_refusal(cfg)):
         raise ConfigError(refusal)
     objective_class(cfg.objective.name).preflight(cfg)
+    check_partition_config(cfg.data.partition)
     if cfg.data.prompts_file:
         read_prompts(cfg.data.prompts_file)
     if cfg.data.image_dir:

@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader
 
 from stepdistill.config import Config, ConfigError, config_to_dict
 from stepdistill.config.preflight import check_mixed_precision, check_output_dir, resolve_report_to
+from stepdistill.data import ConditionDataset
+from stepdistill.data.partition import restrict_to_part
 from stepdistill.errors import RunFailed
 from stepdistill.io import write_atomic
 from stepdistill.objectives import Objective, build_objective
@@ -76,6 +78,7 @@ class Trainer:
         self.objective.to(acc.device)  # the teacher is no submodule: its backbone stays where it was loaded
         with acc.main_process_first():
             self.objective.prepare_data(str(self.output_dir), acc.device)
+            restrict_to_part(self.objective.source, cfg.data.partition, self.output_dir)
         if t.gradient_checkpointing:
             options.enable_gradient_checkpointing(self.objective)
         options.apply_speed_options(self.objective, t, self.warn)
@@ -126,12 +129,17 @@ class Trainer:
         if t.ema_decay > 0:
             generator = get_module(self.objective, GENERATOR_MODULE)
             ema = GeneratorEMA([p for p in generator.parameters() if p.requires_grad], t.ema_decay)
-        loader = DataLoader(self.objective.dataset(), batch_size=t.batch_size, shuffle=True, drop_last=True,
+        dataset = self.objective.dataset()
+        if self.cfg.data.partition.parts > 1 and not isinstance(dataset, ConditionDataset):
+            raise ConfigError(f"data.partition restricts the conditions an objective samples, but objective "
+                              f"{self.cfg.objective.name} trains on {type(dataset).__name__}: set "
+                              "data.partition.parts=1 for it (e.g. a shared TSM or regression stage)")
+        loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=True,
                             num_workers=self.cfg.data.num_workers)
         optimizers, schedulers, self.loader = accel.prepare(acc, self.objective, optimizers, schedulers, loader)
         if len(self.loader) == 0:
             raise ConfigError(f"train.batch_size {t.batch_size} x {acc.num_processes} processes is larger than the "
-                              f"dataset ({len(self.objective.dataset())} items): lower train.batch_size")
+                              f"dataset ({len(dataset)} items): lower train.batch_size")
         self.runner = StepRunner(acc, self.objective, optimizers, schedulers, ema, t.nonfinite)
 
     @property
