@@ -66,12 +66,15 @@ def write_diffusers_student(generator: Generator, teacher, folder: Path, objecti
         "lora": LORA_DIR if lora else None,
     }
     (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-    (folder / "README.md").write_text(model_card(recipe))
+    (folder / "README.md").write_text(model_card(recipe, not hasattr(scheduler, "init_noise_sigma")))
     return recipe
 
 
-def model_card(recipe: dict) -> str:
+def model_card(recipe: dict, needs_init_noise_sigma: bool = False) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in recipe["pipeline_kwargs"].items())
+    setup = ""
+    if needs_init_noise_sigma:  # a flow scheduler, which pipeline classes written for VP schedulers cannot run
+        setup = "pipe.scheduler.init_noise_sigma = 1.0  # SD/SDXL/PixArt pipelines read it; FlowMatch lacks it\n"
     lora = ""
     if recipe["lora"]:
         lora = (f"\nThe student's LoRA (relative to the teacher's weights) is also in `{recipe['lora']}/`: on the "
@@ -86,7 +89,7 @@ A diffusers `{recipe['pipeline_class']}` folder: the teacher's components with t
 ```python
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("<this folder>")
-image = pipe("a photo of a cat", {args}).images[0]
+{setup}image = pipe("a photo of a cat", {args}).images[0]
 ```
 {lora}
 `stepdistill.json` holds the same recipe (`pipeline_kwargs`); `stepdistill.pipelines.load_exported(folder)`
