@@ -116,10 +116,14 @@ def run_recipe(tree: dict, overwrite: bool = False) -> list[dict]:
     """Run the stages in order: finished ones (same config) are skipped, an interrupted one resumes."""
     from accelerate import PartialState
 
+    from stepdistill.objectives import objective_class
     from stepdistill.training import Trainer
 
     stages = plan_stages(tree)
     by_name = {s.name: s for s in stages}
+    for stage in stages:  # every stage's refusals before the first one trains (e.g. a last stage's LPIPS weights)
+        cfg = stage_config(stage, by_name)
+        objective_class(cfg.objective.name).preflight(cfg)
     results = []
     for stage in stages:
         cfg = stage_config(stage, by_name)
