@@ -2,11 +2,12 @@
 config's `objective.name` to its class."""
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, PlanHints
 from stepdistill.objectives.consistency import Consistency
+from stepdistill.objectives.rectified_flow import FlowGuided, Reflow
 from stepdistill.objectives.registry import REGISTRY, build_objective, objective_class, register
 from stepdistill.objectives.regression import Regression
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
 
-for _cls in (Regression, DMD2, Consistency):
+for _cls in (Regression, DMD2, Consistency, Reflow, FlowGuided):
     register(_cls)
 
 __all__ = ["REGISTRY", "Objective", "ObjectiveConfig", "OptimizerGroup", "PlanHints", "build_objective",
