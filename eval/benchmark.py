@@ -36,6 +36,10 @@ METHODS: dict[str, dict] = {
     "DMD2 (no GAN)": DEMO_OBJECTIVE,
     "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "images", "gan_generator_weight": 3e-3,
                                   "gan_critic_weight": 1e-2},
+    # multi-stage methods: a shipped recipe with its own steps, and the stages (and sampling steps) to evaluate
+    "reflow (InstaFlow: 2-RF, then distilled)": {"recipe": "reflow_digits",
+                                                 "rows": {"rf2": (1, 2, 4), "distill": (1,)}},
+    "SlimFlow (half-size UNet)": {"recipe": "slimflow_digits", "rows": {"anneal": (1,), "fgd": (1,)}},
 }
 SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->"
 
@@ -66,6 +70,34 @@ def method_config(name: str, out: Path, real: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
+
+
+def run_recipe_method(name: str, out: Path, reference: dict, per_digit: int) -> dict[str, dict]:
+    """Run a recipe method's preset on the shipped teacher and evaluate its listed stages at their step counts; the
+    last row carries the whole recipe's training time and steps."""
+    from stepdistill.config import load_config_tree
+    from stepdistill.demo import asset_overrides
+    from stepdistill.recipes import run_recipe
+
+    method = METHODS[name]
+    folder = out / slug(name)
+    tree = load_config_tree(method["recipe"], [*asset_overrides(), f"train.output_dir={folder}", "train.seed=0"])
+    start = time.perf_counter()
+    results = run_recipe(tree)
+    seconds = time.perf_counter() - start
+    rows = {}
+    for stage, step_counts in method["rows"].items():
+        pipe, recipe = load_exported(folder / stage / "final")
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items()
+                  if k not in ("guidance_scale", "num_inference_steps")}
+        for steps in step_counts:
+            row = f"{name}: {stage}" + (f", {steps} Euler steps" if recipe["sampling"]["any_num_steps"] else "")
+            rows[row], _ = evaluate_digits(pipe, reference, steps, recipe["guidance_scale"], per_digit, EVAL_SEED,
+                                           **kwargs)
+            print(row, json.dumps(rows[row]), flush=True)
+    rows[row].update(train_seconds=round(seconds, 1), train_steps=sum(r["steps"] for r in results))
+    return rows
 
 
 def slug(name: str) -> str:
@@ -102,6 +134,9 @@ def main() -> None:
                                                                 args.per_digit, EVAL_SEED)
     real = real_images(out / "real_digits")
     for name in args.methods:
+        if "recipe" in METHODS[name]:
+            rows.update(run_recipe_method(name, out, reference, args.per_digit))
+            continue
         # a method that updates its critic several times per generator update gets that many more steps
         train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))
         run_start = time.perf_counter()
