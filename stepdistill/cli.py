@@ -1,143 +1,282 @@
-"""Command line: stepdistill demo | train | teacher | eval | plan | bench."""
+"""Command line: stepdistill demo | train | sample | export | eval | plan | bench | teacher.
+
+Building the parser imports no torch, so `--help` answers at once; each command imports what it needs. Every
+failure is one line on stderr naming the file or key and the fix, and the exit code says what kind it was:
+2 the input cannot work (a config value, a path, an argument), 130 interrupted by Ctrl-C (143 by SIGTERM), 1 a
+failure while running (a full disk, a diverged run, a bug); `--debug` adds the traceback. Human output (progress,
+log lines, the result) goes to stderr; `--json` prints the result as JSON on stdout, for machines."""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import signal
 import sys
+import traceback
+from pathlib import Path
+
+from stepdistill import __version__
+from stepdistill.errors import Stopped, describe, note_saved
 
 
-def _train(config: str | None, overrides: list[str]) -> dict:
-    from stepdistill.config import config_from_dict, load_config_tree
-    from stepdistill.training import Trainer
-
-    tree = load_config_tree(config, overrides)
-    if tree.get("recipe"):  # a multi-stage run: one training per stage
-        from stepdistill.recipes import run_recipe
-
-        stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)))
-        return {"stages": stages}
-    cfg = config_from_dict(tree)
-    trainer = Trainer(cfg)
-    result = trainer.train()
-    if result.interrupted:
-        raise Interrupted(result)
-    summary: dict = {"output_dir": str(result.output_dir), "steps": result.step, "export": str(result.final_dir),
-                     "skipped_steps": result.skipped_steps}
-    generator = trainer.generator_for_inference()
-    if generator.teacher.mixture is not None and trainer.accelerator.is_main_process:
-        from stepdistill.metrics.distribution import evaluate_generator
-
-        summary["metrics"] = evaluate_generator(generator, n=4096, seed=cfg.train.seed).as_dict()
-        summary["metrics_protocol"] = "4096 samples vs the true mixture; SW2 (256 projections), energy distance"
-        (result.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    return summary
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other error
+        self.exit(2, f"stepdistill: error: {message} (see `{self.prog} --help`)\n")
 
 
-class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
-
-    def __init__(self, result) -> None:
-        super().__init__(f"stopped by signal {result.interrupted} at step {result.step} after saving a checkpoint; "
-                         "continue with train.resume=latest")
-        self.result = result
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _number(kind, low: float, inclusive: bool):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {text!r}")
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return value
+    return parse
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="distill a student: stepdistill train --config FILE|PRESET [section.key=value ...]")
+COUNT = _number(int, 1, inclusive=True)  # how many of something: at least one
+SEED = _number(int, 0, inclusive=True)
+SCALE = _number(float, 0, inclusive=True)  # guidance scales, standard form
+POSITIVE = _number(float, 0, inclusive=False)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="stepdistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"stepdistill {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> Parser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    p = command("train", "distill a student: stepdistill train --config FILE|PRESET [section.key=value ...]")
     p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
-    p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("teacher", help="train an offline teacher: stepdistill teacher digits [--seed 0]")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+    p = command("sample", "images from an exported student or a pipeline folder, with a labelled grid")
+    p.add_argument("export", help="an exported student (final/) or a diffusers pipeline folder")
+    p.add_argument("prompts", nargs="*", help="prompts (class indices for a class-conditional analytic teacher)")
+    p.add_argument("--num", type=COUNT, default=None, help="images per prompt (default 4; points: 1024)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the first image; the next ones count up")
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--steps", type=COUNT, default=None, help="sampling steps (default: the export's recipe)")
+    p.add_argument("--guidance", type=SCALE, default=None, help="guidance scale (default: the export's recipe)")
+    p = command("export", "write a checkpoint as a student folder (EMA or raw weights, LoRA merged or as adapter)")
+    p.add_argument("checkpoint", help="a checkpoint-N folder, or a run folder (its newest intact checkpoint)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
+                   help="EMA or raw generator weights (auto: EMA when the run kept one)")
+    p.add_argument("--lora", choices=["merged", "adapter"], default="merged",
+                   help="a LoRA student as a full pipeline with the LoRA merged, or the adapter alone")
+    p = command("teacher", "train an offline teacher: stepdistill teacher digits [--seed 0]")
     p.add_argument("name", choices=["digits"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", default=None, help="teacher pipeline folder (default: the shipped asset)")
     p.add_argument("--classifier-out", default=None, help="digit classifier folder (default: the shipped asset)")
-    p.add_argument("--vae-steps", type=int, default=200)
-    p.add_argument("--unet-steps", type=int, default=1500)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--eval-per-digit", type=int, default=20, help="teacher samples per digit for its accuracy")
-    p.add_argument("--reference-per-digit", type=int, default=50, help="50-step samples per digit, FID reference")
-    p = sub.add_parser("demo", help="the offline default job (no download): DMD2 on the shipped digits teacher")
-    p.add_argument("--eval-per-digit", type=int, default=50, help="evaluation samples per digit")
+    p.add_argument("--vae-steps", type=COUNT, default=200)
+    p.add_argument("--unet-steps", type=COUNT, default=1500)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
+    p.add_argument("--eval-per-digit", type=COUNT, default=20, help="teacher samples per digit for its accuracy")
+    p.add_argument("--reference-per-digit", type=COUNT, default=50, help="50-step samples per digit, FID reference")
+    p = command("demo", "the offline default job (no download): DMD2 on the shipped digits teacher")
+    p.add_argument("--eval-per-digit", type=COUNT, default=50, help="evaluation samples per digit")
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("eval", help="evaluate a pipeline folder: digits, coco2014-30k or coco2017-5k preset")
+    p = command("eval", "evaluate a pipeline folder: digits, coco2014-30k or coco2017-5k preset")
     p.add_argument("pipeline", help="a diffusers pipeline folder (an exported student or a teacher)")
     p.add_argument("--preset", default="digits", choices=["digits", "coco2014-30k", "coco2017-5k"])
-    p.add_argument("--out", default=None, help="output folder (default: <pipeline>/eval-<preset>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/eval/<pipeline>-<preset>)")
     p.add_argument("--captions", help="COCO captions file (captions_val2014.json, or one caption per line)")
     p.add_argument("--reference", help="reference image folder for FID (e.g. val2014)")
-    p.add_argument("--num-samples", type=int, help="overrides the preset's N (30000 / 5000; digits: per digit)")
-    p.add_argument("--resolution", type=int, help="overrides the preset's eval resolution (256)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, help="sampling steps (default: the exported recipe's, else 50)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the exported recipe's, else the preset's)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-samples", type=COUNT, help="overrides the preset's N (30000 / 5000; digits: per digit)")
+    p.add_argument("--resolution", type=COUNT, help="overrides the preset's eval resolution (256)")
+    p.add_argument("--seed", type=SEED)
+    p.add_argument("--steps", type=COUNT, help="sampling steps (default: the exported recipe's, else 50)")
+    p.add_argument("--guidance", type=SCALE, help="CFG scale (default: the exported recipe's, else the preset's)")
+    p.add_argument("--batch-size", type=COUNT)
     p.add_argument("--clip-model", default=None, help="CLIP model: hub id or local folder")
     p.add_argument("--fid-backend", default="cleanfid", choices=["cleanfid", "torchmetrics"])
     p.add_argument("--fid-mode", default="clean", choices=["clean", "legacy_tensorflow", "legacy_pytorch"])
     p.add_argument("--feature", default="inception", choices=["inception", "digits"])
     p.add_argument("--inception-weights", default="", help="local Inception weights file (torchmetrics backend)")
     p.add_argument("--speed", action="store_true", help="also measure latency and throughput")
-    p = sub.add_parser("plan", help="per-GPU memory estimate of a config and the options that make it fit")
+    p = command("plan", "per-GPU memory estimate of a config and the options that make it fit")
     p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU, GiB")
+    p.add_argument("--gpu-gib", type=POSITIVE, default=80.0, help="memory of one GPU, GiB")
     p.add_argument("--model", default=None, help="architecture: tiny-sd|tiny-sdxl|sd15|sdxl (default: teacher.kind)")
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("bench", help="training-step and sampling speed: --preset tiny (CPU) | h100 (GPU)")
+    p = command("bench", "training-step and sampling speed: --preset tiny (CPU) | h100 (GPU)")
     p.add_argument("--preset", choices=["tiny", "h100"], default="tiny")
     p.add_argument("--out", default="runs/speed", help="folder for speed.json and speed.md")
     p.add_argument("--objectives", nargs="+", default=None, choices=["dmd2", "lcm", "regression"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _out_folder(value: str, flag: str) -> Path:
+    from stepdistill.config import check_output_dir
+
+    return check_output_dir(value, key=flag)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    from stepdistill.config import check_before_import, config_from_dict, load_config_tree
+
+    tree = load_config_tree(args.config, args.overrides)
+    if tree.get("recipe"):  # a multi-stage run: one training per stage
+        from stepdistill.recipes import run_recipe
+        from stepdistill.training.accel import close_process_group
+
+        try:
+            stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)))
+        finally:
+            close_process_group()
+        stopped = [s for s in stages if s.get("interrupted")]
+        if stopped:
+            raise Stopped(stopped[-1]["interrupted"], f"recipe stage {stopped[-1]['stage']} stopped at step "
+                          f"{stopped[-1]['steps']}; run the same command to continue")
+        return {"stages": stages}
+    check_before_import(tree)
+    cfg = config_from_dict(tree)
+    from stepdistill.training import run_training
+
     try:
-        if args.command == "train":
-            from stepdistill.training.accel import close_process_group
+        return run_training(cfg)
+    except BaseException as e:
+        note_saved(e, cfg.train.output_dir)
+        raise
 
-            try:
-                summary = _train(args.config, args.overrides)
-            finally:
-                close_process_group()
-        elif args.command == "teacher":
-            from stepdistill import digits
 
-            summary = digits.build_digits_teacher(
-                args.out or digits.TEACHER_DIR, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                classifier_dir=args.classifier_out or digits.CLASSIFIER_DIR, device=args.device,
-                eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit)
-        elif args.command == "demo":
-            from stepdistill.demo import run_demo
+def _sample(args: argparse.Namespace) -> dict:
+    from stepdistill.sample import sample
 
-            summary = run_demo(args.overrides, per_digit=args.eval_per_digit)
-        elif args.command == "eval":
-            from stepdistill.evaluate import evaluate_cli
+    out = _out_folder(args.out, "--out")
+    return sample(args.export, args.prompts, args.num, args.seed, out, args.steps, args.guidance)
 
-            summary = evaluate_cli(args)
-        elif args.command == "plan":
-            from stepdistill.config import load_config
-            from stepdistill.perf.memory import plan
 
-            summary = plan(load_config(args.config, args.overrides), args.gpu_gib, args.model)
-        elif args.command == "bench":
-            from stepdistill.perf.speed import run_and_write
+def _export(args: argparse.Namespace) -> dict:
+    from stepdistill.training.restore import export_checkpoint
 
-            command = f"stepdistill bench --preset {args.preset} --out {args.out}" + \
-                (f" --objectives {' '.join(args.objectives)}" if args.objectives else "")
-            summary = run_and_write(args.preset, args.objectives, args.out, command)
-        else:  # pragma: no cover - argparse restricts the choices
-            parser.error(f"unknown command {args.command}")
-    except Interrupted as e:
-        print(f"stepdistill: {e}", file=sys.stderr)
-        return 128 + e.result.interrupted
-    except (ValueError, FileNotFoundError) as e:
-        print(f"stepdistill: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
+    out = _out_folder(args.out, "--out")
+    return export_checkpoint(args.checkpoint, out, args.weights, args.lora)
+
+
+def _teacher(args: argparse.Namespace) -> dict:
+    from stepdistill import digits
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return digits.build_digits_teacher(
+        args.out or digits.TEACHER_DIR, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+        classifier_dir=args.classifier_out or digits.CLASSIFIER_DIR, device=device,
+        eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit)
+
+
+def _demo(args: argparse.Namespace) -> dict:
+    from stepdistill.demo import run_demo
+
+    return run_demo(args.overrides, per_digit=args.eval_per_digit)
+
+
+def _eval(args: argparse.Namespace) -> dict:
+    if args.out is None:  # beside the runs, never inside the model folder being evaluated
+        name = "-".join(Path(args.pipeline).resolve().parts[-2:])
+        args.out = str(Path("runs") / "eval" / f"{name}-{args.preset}")
+    _out_folder(args.out, "--out")
+    from stepdistill.evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def _plan(args: argparse.Namespace) -> dict:
+    from stepdistill.config import load_config
+    from stepdistill.perf.memory import plan
+
+    return plan(load_config(args.config, args.overrides), args.gpu_gib, args.model)
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    from stepdistill.perf.speed import run_and_write
+
+    out = _out_folder(args.out, "--out")
+    command = f"stepdistill bench --preset {args.preset} --out {args.out}" + \
+        (f" --objectives {' '.join(args.objectives)}" if args.objectives else "")
+    return run_and_write(args.preset, args.objectives, out, command)
+
+
+COMMANDS = {"train": _train, "sample": _sample, "export": _export, "teacher": _teacher, "demo": _demo,
+            "eval": _eval, "plan": _plan, "bench": _bench}
+
+
+# ---------------------------------------------------------------------------------------------- output
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"stepdistill: {kind}{record.getMessage()}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record arrives (main() may run several times in one process)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _configure_logging(debug: bool) -> None:
+    """The package's log lines (resumed from ..., warnings) on stderr, once per process."""
+    logger = logging.getLogger("stepdistill")
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_Formatter())
+        logger.addHandler(handler)
+
+
+def _human(summary: dict, indent: str = "") -> list[str]:
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, dict) and value:
+            lines += [f"{indent}{key}:", *_human(value, indent + "  ")]
+        elif isinstance(value, float):
+            lines.append(f"{indent}{key}: {value:.6g}")
+        else:
+            lines.append(f"{indent}{key}: {value if isinstance(value, str) else json.dumps(value, default=str)}")
+    return lines
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Stopped(signum, "terminated (SIGTERM)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.debug)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # cleanups (temporary folders) run on SIGTERM too
+    try:
+        summary = COMMANDS[args.command](args)
+    except Exception as e:  # noqa: BLE001 - the boundary: every failure becomes one line and an exit code
+        code, message = describe(e)
+        if args.debug:
+            traceback.print_exc()
+        print(f"stepdistill: {'error: ' if code == 2 else ''}{message}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt as e:
+        code, message = describe(e)
+        print(f"stepdistill: {message}", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print("\n".join([f"stepdistill: {args.command} done", *_human(summary, "  ")]), file=sys.stderr)
     return 0
 
 

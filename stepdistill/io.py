@@ -50,16 +50,35 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_by_all(folder: str | os.PathLike) -> None:
+    """Give every file and folder under `folder` the modes a plain `open` would (0666 / 0777 less the umask):
+    safetensors writes through a private temporary file, which leaves weights readable by their owner only."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary sibling folder to fill; on success it replaces `path`, on any error it is removed
-    and `path` is left as it was."""
+    """Yield a fresh temporary sibling folder to fill; on success it replaces `path` (with ordinary file modes),
+    on any error or interruption it is removed and `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        readable_by_all(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -94,6 +94,11 @@ class NoiseSchedule:
         prediction_type = config.get("prediction_type", "epsilon")
         return cls("vp", prediction_type, ddpm.config.num_train_timesteps, ddpm.alphas_cumprod.clone())
 
+    def timestep_range(self) -> tuple[float, float]:
+        """The model timesteps the schedule defines: 0..T-1 for VP (beyond, alpha/sigma would be clamped), 0..T
+        for flow (t = T sigma)."""
+        return 0.0, float(self.num_train_timesteps - 1 if self.kind == "vp" else self.num_train_timesteps)
+
     # ---------------------------------------------------------------- alpha_t, sigma_t
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """alpha_t, sigma_t in float64 for model timesteps t (any shape)."""

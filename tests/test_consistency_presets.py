@@ -96,7 +96,7 @@ def test_preset_trains_through_the_cli_and_exports_load_with_plain_diffusers(pre
                                                                             tmp_path, capsys):
     out = tmp_path / "run"
     extra = [*extra, f"objective.pairs.dir={out / 'pairs'}"] if extra else extra
-    assert main(["train", "--config", preset, *overrides(tiny[kind], out, *extra)]) == 0
+    assert main(["train", "--json", "--config", preset, *overrides(tiny[kind], out, *extra)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [s["steps"] for s in summary.get("stages", [summary])] == [1 if extra else 2] * len(exports)
     for stage, scheduler_class, timesteps in exports:

@@ -49,7 +49,6 @@ def test_predict_shapes_dtypes_and_prompt_cache(kind, teachers, monkeypatch):
         assert v.shape[0] == 3 and cond.null[k].shape == v.shape
     h = cond.fields["encoder_hidden_states"]
     assert torch.equal(h[0], h[2]) and not torch.equal(h[0], h[1])
-    assert set(teacher._cache) >= {"a cat", "a dog"}
     with monkeypatch.context() as m:  # cached prompts need no encoder call
         m.setattr(teacher.pipe, "encode_prompt", None)
         again = teacher.encode(["a dog", "a cat"])
@@ -148,3 +147,21 @@ def test_folder_without_model_index_is_a_clear_error(tmp_path):
 def test_kind_that_does_not_match_the_folder_is_refused(folders):
     with pytest.raises(ValueError, match="teacher.kind=sd "):
         load_teacher(TeacherConfig(kind="sdxl", path=str(folders["sd"])), "cpu")
+
+
+def test_data_resolution_sets_the_latent_size_of_a_latent_teacher(folders, tmp_path):
+    """data.resolution: a 32 px run of the 16 px tiny SDXL gives 16x16 latents (and SDXL's size conditioning
+    follows); a side the VAE cannot produce is refused with the nearest valid one."""
+    from stepdistill.config import load_config
+    from stepdistill.objectives import build_objective
+
+    overrides = ["objective.name=regression", "teacher.kind=auto", f"teacher.path={folders['sdxl']}",
+                 "data.resolution=32", f"train.output_dir={tmp_path}"]
+    objective = build_objective(load_config(None, overrides))
+    teacher = objective.teacher
+    assert teacher.sample_shape == (4, 16, 16)
+    assert teacher.encode(["a cat"]).fields["time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
+    x = torch.randn(1, *teacher.sample_shape)
+    assert teacher.predict(x, torch.full((1,), 500.0), teacher.encode(["a cat"])).x0.shape == x.shape
+    with pytest.raises(ValueError, match="data.resolution=33 is not a multiple of 2.*data.resolution=32"):
+        build_objective(load_config(None, overrides[:-2] + ["data.resolution=33", f"train.output_dir={tmp_path}"]))

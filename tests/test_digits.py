@@ -82,7 +82,8 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
         assert 0 <= row["prompt_accuracy"] <= 1 and row["fid_vs_teacher50"] > 0 and row["images_per_s"] > 0
     assert metrics["floors"]["fid_teacher_vs_teacher"] > 0
     assert "student 1-step (DMD2)" in (out / "metrics.md").read_text()
-    assert Image.open(out / "samples.png").size == (20 * 16, 3 * 16)
+    width, height = Image.open(out / "samples.png").size
+    assert width >= 20 * 128 and height >= 3 * 128  # 3 rows of 20 digits, upscaled from 16 pixels
     pipe, recipe = load_exported(out / "final")
     image = pipe(digits.digit_prompt(3), output_type="pt", **recipe["pipeline_kwargs"]).images
     assert image.shape == (1, 3, 16, 16)

@@ -44,7 +44,7 @@ def sample_export(folder, batch=1):
 @pytest.mark.parametrize("preset,kind,timesteps", PRESETS)
 def test_preset_trains_exports_and_samples_with_plain_diffusers(preset, kind, timesteps, tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", preset, *tiny_overrides(tiny[kind], out)]) == 0
+    assert main(["train", "--json", "--config", preset, *tiny_overrides(tiny[kind], out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3
     pipe, recipe, latents = sample_export(out / "final")

@@ -74,7 +74,7 @@ def test_an_objective_from_outside_the_package_trains_resumes_exports_and_is_pla
     assert torch.isfinite(images).all()
 
     capsys.readouterr()
-    assert main(["plan", "--model", "tiny-sd", "--gpu-gib", "80", *args(tiny_sd, tmp_path / "plan")]) == 0
+    assert main(["plan", "--json", "--model", "tiny-sd", "--gpu-gib", "80", *args(tiny_sd, tmp_path / "plan")]) == 0
     out = capsys.readouterr().out
     plan = json.loads(out[out.index("{"):])
     row = plan["estimates"][0]

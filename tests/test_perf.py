@@ -214,7 +214,7 @@ def test_cli_plan_prints_the_plan_and_bench_knows_the_bench_objectives(capsys):
     from stepdistill.cli import main
     from stepdistill.perf.speed import OBJECTIVE_CONFIGS
 
-    assert main(["plan", "--config", str(ROOT / "configs/dmd2_sd15.yaml"), "--model", "tiny-sd", "--gpu-gib", "80",
+    assert main(["plan", "--json", "--config", str(ROOT / "configs/dmd2_sd15.yaml"), "--model", "tiny-sd", "--gpu-gib", "80",
                  "train.batch_size=2"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{"):])

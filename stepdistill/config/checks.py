@@ -10,7 +10,6 @@ from pathlib import Path
 
 from stepdistill.config.schema import ConfigError, TeacherConfig
 
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 TRUSTED_LIBRARIES = {"diffusers", "transformers", None}
 
 
@@ -35,9 +34,9 @@ def check_teacher_source(cfg: TeacherConfig) -> None:
                           "folder or a hub id such as stabilityai/sd-turbo")
     path = Path(cfg.path).expanduser()
     if path.exists():
-        _check_pipeline_folder(path, cfg.trust_remote_code)
+        check_pipeline_folder(path, cfg.trust_remote_code)
         return
-    if not HUB_ID.match(cfg.path) or cfg.path.startswith((".", "/", "~")):
+    if not _is_hub_id(cfg.path):
         raise ConfigError(f"teacher.path {cfg.path}: model folder does not exist; check the path, or give a hub id "
                           "such as stabilityai/sd-turbo")
     offline = cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -52,6 +51,16 @@ def check_teacher_source(cfg: TeacherConfig) -> None:
                               "at a local pipeline folder")
 
 
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith(("~", "."))
+
+
 def _trusted_library(name: str | None) -> bool:
     """diffusers, transformers, or a diffusers pipeline module (old SD folders name "stable_diffusion")."""
     if name in TRUSTED_LIBRARIES:
@@ -61,19 +70,29 @@ def _trusted_library(name: str | None) -> bool:
                 and (Path(spec.origin).parent / "pipelines" / name).is_dir())
 
 
-def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
+def check_pipeline_folder(path: Path, trust_remote_code: bool = False, what: str = "teacher.path") -> None:
+    """Refuse a folder that diffusers could not load as a pipeline (no or broken model_index.json, missing
+    component folders) or that needs custom code without trust_remote_code; `what` names the input."""
     index = path / "model_index.json"
     if not path.is_dir() or not index.is_file():
-        raise ConfigError(f"teacher.path {path} is not a diffusers pipeline folder (no model_index.json): give the "
+        raise ConfigError(f"{what} {path} is not a diffusers pipeline folder (no model_index.json): give the "
                           "folder that save_pretrained wrote, or a hub id")
     try:
         spec = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"teacher.path {path}: model_index.json is not valid JSON ({e}); re-download the "
-                          "pipeline") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: {index} is not valid JSON ({e}); re-download the pipeline") from e
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{what} {path}: {index} holds a {type(spec).__name__}, not the mapping of "
+                          "components that save_pretrained writes; re-download the pipeline")
     custom = sorted(name for name, value in spec.items() if isinstance(value, list) and len(value) == 2
                     and not _trusted_library(value[0]))
     custom += sorted(str(p.relative_to(path)) for p in path.rglob("*.py"))
     if custom and not trust_remote_code:
-        raise ConfigError(f"teacher.path {path} needs custom code ({', '.join(custom)}), which runs arbitrary Python; "
+        raise ConfigError(f"{what} {path} needs custom code ({', '.join(custom)}), which runs arbitrary Python; "
                           "read it, then set teacher.trust_remote_code=true to allow it")
+    components = {name: value for name, value in spec.items() if not name.startswith("_") and isinstance(value, list)
+                  and len(value) == 2 and value[0] is not None and value[1] is not None}
+    missing = sorted(name for name in components if not (path / name).is_dir())
+    if missing:
+        raise ConfigError(f"{what} {path}: the component folders {', '.join(missing)} that {index.name} lists "
+                          "are missing; give the complete folder that save_pretrained wrote, or re-download it")

@@ -246,36 +246,35 @@ def load_config_tree(path: str | Path | None = None, overrides: list[str] | None
     return tree
 
 
+def plain_sections(tree: dict) -> dict:
+    """The validated sections that need no objective class (teacher, student, data, train), after checking the
+    tree's shape: their mistakes are found without importing the objectives (and torch)."""
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for key in tree:
+        if key not in sections:
+            close = difflib.get_close_matches(key, sections, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config section {key!r}.{hint} Valid sections: {', '.join(sorted(sections))}")
+    for section in ("objective", "teacher", "student", "data", "train"):
+        if tree.get(section) is not None and not isinstance(tree[section], dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of keys, got "
+                              f"{type(tree[section]).__name__}")
+    if not isinstance(tree.get("recipe") or [], list):
+        raise ConfigError("recipe must be a list of stages, e.g. [{name: stage1, set: {...}}]")
+    return {name: build_dataclass(cls, tree.get(name), name + ".") for name, cls in
+            (("teacher", TeacherConfig), ("student", StudentConfig), ("data", DataConfig), ("train", TrainConfig))}
+
+
 def config_from_dict(tree: dict, where: str = "") -> Config:
     """A validated Config; `where` prefixes every error (e.g. the recipe stage)."""
-    from stepdistill.objectives import objective_class
-
     try:
-        sections = {f.name for f in dataclasses.fields(Config)}
-        for key in tree:
-            if key not in sections:
-                close = difflib.get_close_matches(key, sections, n=1)
-                hint = f" Did you mean {close[0]}?" if close else ""
-                raise ConfigError(f"unknown config section {key!r}.{hint} Valid sections: "
-                                  f"{', '.join(sorted(sections))}")
-        for section in ("objective", "teacher", "student", "data", "train"):
-            if tree.get(section) is not None and not isinstance(tree[section], dict):
-                raise ConfigError(f"config section {section!r} must be a mapping of keys, got "
-                                  f"{type(tree[section]).__name__}")
+        sections = plain_sections(tree)
+        from stepdistill.objectives import objective_class
+
         objective = dict(tree.get("objective") or {})
-        name = objective.get("name", "regression")
-        objective["name"] = name
-        recipe = tree.get("recipe") or []
-        if not isinstance(recipe, list):
-            raise ConfigError("recipe must be a list of stages, e.g. [{name: stage1, set: {...}}]")
-        return Config(
-            objective=build_dataclass(objective_class(name).config_class, objective, "objective."),
-            teacher=build_dataclass(TeacherConfig, tree.get("teacher"), "teacher."),
-            student=build_dataclass(StudentConfig, tree.get("student"), "student."),
-            data=build_dataclass(DataConfig, tree.get("data"), "data."),
-            train=build_dataclass(TrainConfig, tree.get("train"), "train."),
-            recipe=recipe,
-        )
+        name = objective.setdefault("name", "regression")
+        return Config(objective=build_dataclass(objective_class(name).config_class, objective, "objective."),
+                      recipe=tree.get("recipe") or [], **sections)
     except ConfigError as e:
         if where:
             raise ConfigError(f"{where}{e}") from e

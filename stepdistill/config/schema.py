@@ -104,12 +104,15 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the generator EMA
     checkpoint_every: int = 500
     checkpoints_limit: int = 2
-    resume: str = ""  # "" | latest | path of a checkpoint folder
-    overwrite: bool = False  # allow reusing an output_dir that holds a different run
+    # "" | latest (the newest checkpoint; refused if it is corrupt) | latest-valid (the newest intact one) | a
+    # checkpoint folder
+    resume: str = ""
+    overwrite: bool = False  # start afresh in an output_dir that holds a run: the old run is moved aside, kept
     log_every: int = 50
-    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    report_to: str = "auto"  # auto (tensorboard where installed) | tensorboard | wandb | none
     validate_every: int = 0  # 0: only at the end
     num_validation_samples: int = 16
+    sample_stats_every: int = 0  # log the student's sample statistics and warn on collapse (training/guards.py)
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     device_threads: int = 0  # torch CPU threads; 0 leaves torch's default
     progress: bool = True
@@ -119,13 +122,15 @@ class TrainConfig:
     channels_last: bool = False  # backbones' conv weights in channels_last memory format (no effect on MLPs)
     attention: str = "sdpa"  # sdpa (diffusers' AttnProcessor2_0) | xformers (pip install -e ".[xformers]")
 
-    CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "report_to": ("tensorboard", "wandb", "none"),
+    CHOICES = {"mixed_precision": ("auto", "no", "bf16", "fp16"),
+               "report_to": ("auto", "tensorboard", "wandb", "none"),
                "nonfinite": ("stop", "skip"), "optimizer": ("adamw", "adamw_fused", "adamw_8bit"),
                "attention": ("sdpa", "xformers"),
                "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine")}
     RANGES = {"max_steps": ">=1", "batch_size": ">=1", "lr_warmup_steps": ">=0", "ema_decay": "[0,1)",
               "checkpoint_every": ">=0", "checkpoints_limit": ">=1", "log_every": ">=1", "validate_every": ">=0",
-              "num_validation_samples": ">=1", "device_threads": ">=0"}
+              "num_validation_samples": ">=1", "device_threads": ">=0",
+              "sample_stats_every": ">=0"}
 
 
 @dataclass

@@ -97,6 +97,12 @@ class Objective(nn.Module):
     def plan_hints(cls, cfg) -> PlanHints:
         return PlanHints()
 
+    @property
+    def reference_guidance(self) -> float:
+        """The CFG scale of the teacher distribution the student learns (standard form; the sample guards compare
+        the student with the teacher sampled at it)."""
+        return 1.0
+
     # ------------------------------------------------------------------ training
     def optimizer_groups(self) -> list[OptimizerGroup]:
         raise NotImplementedError

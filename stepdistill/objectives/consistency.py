@@ -197,6 +197,11 @@ class Consistency(Objective):
     def shares_teacher_backbone(cls, config: ConsistencyConfig) -> bool:
         return config.teacher_net == "lora_base"
 
+    @property
+    def reference_guidance(self) -> float:
+        """The middle of the omega range, in the standard form (w = 1 + omega)."""
+        return 1.0 + 0.5 * (self.config.w_min + self.config.w_max)
+
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
         return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,

@@ -50,6 +50,10 @@ class Regression(Objective):
         if self.lpips is not None and not self.teacher.makes_images:
             raise ConfigError("objective.loss=lpips needs a teacher that makes images; set objective.loss=l2")
 
+    @property
+    def reference_guidance(self) -> float:
+        return self.config.pairs.guidance
+
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
         return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,

@@ -3,18 +3,15 @@ student's one-step sampler and the teacher's CFG sampler, VAE decode included), 
 architectures (or the tiny pipelines on CPU). Results: JSON plus a markdown table naming the device."""
 from __future__ import annotations
 
-import gc
 import json
-import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from stepdistill.config import StudentConfig, load_config
@@ -23,6 +20,7 @@ from stepdistill.objectives import build_objective, objective_class
 from stepdistill.objectives.base import get_module
 from stepdistill.perf.arch import build_teacher
 from stepdistill.perf.memory import with_overrides
+from stepdistill.perf.timing import ForwardTimer, device_info, median_time, released, sync
 from stepdistill.students import RenoiseGenerator, build_backbone
 from stepdistill.training import Trainer
 
@@ -63,92 +61,6 @@ PRESETS = {
                                   "sdxl": ["grad_ckpt", "grad_ckpt+lora"]},
                    max_batch_search=[32, 48, 64, 96], compile_sampling=True, budget_s=330),
 }
-
-
-# ---------------------------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class ForwardTimer:
-    """Forward time spent inside modules, by name, from pre/post hooks: CUDA events on GPU (no host sync in
-    the step), wall clock on CPU. Nested calls (a shared base) count in each module. The hooks run eagerly in
-    compiled modules (a graph break at each module's start and end)."""
-
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: dict[str, list] = {name: [] for name in modules}
-        self.handles = []
-        for name, module in modules.items():
-            self.handles.append(module.register_forward_pre_hook(self._mark(name)))
-            self.handles.append(module.register_forward_hook(self._mark(name)))
-
-    def _mark(self, name: str) -> Callable:
-        @torch.compiler.disable
-        def hook(*_):
-            if self.cuda:
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                self.marks[name].append(event)
-            else:
-                self.marks[name].append(time.perf_counter())
-        return hook
-
-    def reset(self) -> None:
-        for v in self.marks.values():
-            v.clear()
-
-    def seconds(self) -> dict[str, float]:
-        """Seconds per module since the last reset (call after a device sync)."""
-        out = {}
-        for name, marks in self.marks.items():
-            pairs = zip(marks[0::2], marks[1::2])
-            out[name] = sum(a.elapsed_time(b) / 1e3 if self.cuda else b - a for a, b in pairs)
-        return out
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def median_time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"name": "cpu", "threads": torch.get_num_threads(), "peak_bf16_flops": None}
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    seconds = median_time(lambda: a @ b, device, 3, 10)
-    return {"name": name, "memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1),
-            "peak_bf16_flops": peak, "measured_bf16_matmul_tflops": round(2 * 8192**3 / seconds / 1e12, 1)}
-
-
-@contextmanager
-def released(device: torch.device) -> Iterator[None]:
-    """Frees what the block built (models, optimizers) and resets the peak-memory counter."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        yield
-    finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -422,7 +334,10 @@ def markdown(result: dict) -> str:
 
 
 def run_and_write(preset_name: str, objectives: list[str] | None, out: str | Path, command: str) -> dict:
-    """Run the preset, write <out>/speed.json and <out>/speed.md, print the table; returns where they are."""
+    """Run the preset, write <out>/speed.json and <out>/speed.md, show the table (stderr); returns where they are.
+    Fails (after writing what it measured) when an item failed or nothing was measured."""
+    from stepdistill.errors import RunFailed
+
     result = run(preset_name, objectives)
     result["command"] = command
     folder = Path(out)
@@ -430,7 +345,12 @@ def run_and_write(preset_name: str, objectives: list[str] | None, out: str | Pat
     (folder / "speed.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (folder / "speed.md").write_text(table)
-    print(table, flush=True)
+    print(table, file=sys.stderr, flush=True)
+    errors = result["errors"]
+    if errors or not (result["training"] or result["sampling"]):
+        first = f" (first: {errors[0]['item']}: {errors[0]['error']})" if errors else ""
+        raise RunFailed(f"bench --preset {preset_name}: {len(errors)} item(s) failed{first}, "
+                        f"{len(result['training']) + len(result['sampling'])} row(s) measured; see "
+                        f"{folder / 'speed.json'}")
     return {"speed_json": str(folder / "speed.json"), "speed_md": str(folder / "speed.md"),
-            "errors": result["errors"], "skipped": result["skipped"]}
-
+            "rows": len(result["training"]) + len(result["sampling"]), "skipped": result["skipped"]}

@@ -21,10 +21,11 @@ def resolve_mixed_precision(value: str) -> str:
     return value
 
 
-def make_accelerator(train_cfg, output_dir: Path) -> Accelerator:
+def make_accelerator(train_cfg, output_dir: Path, tracker: str | None) -> Accelerator:
+    """The run's Accelerator; `tracker` is the resolved train.report_to (None: no tracker)."""
     return Accelerator(
         mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision),
-        log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
+        log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )

@@ -32,8 +32,9 @@ DEFAULT_HOOKS: list[Callable[[], Hook]] = []
 
 @torch.no_grad()
 def save_preview(generator, source, n: int, path: str | Path, seed: int = 0) -> Path:
-    """Sample n conditions with fixed noise and save a picture: an image grid, or a scatter for 2-D data."""
-    from stepdistill.visualize import image_grid, scatter_png
+    """Sample n conditions with fixed noise and save a picture: an image grid captioned with each sample's prompt
+    or class, or for 2-D data the student's samples beside the teacher's."""
+    from stepdistill.visualize import image_grid, scatter_panels
 
     teacher = generator.teacher
     device = next(generator.parameters()).device
@@ -45,5 +46,9 @@ def save_preview(generator, source, n: int, path: str | Path, seed: int = 0) -> 
         torch.manual_seed(seed)
         x0 = generator.sample(noise, cond)
     if teacher.makes_images:
-        return image_grid(teacher.decode(x0), path)
-    return scatter_png(x0, path)
+        captions = [source.prompts[int(i)] for i in index] if source.prompts is not None else None
+        return image_grid(teacher.decode(x0), path, captions=captions)
+    m = max(n, 1024)  # enough teacher samples to show the modes
+    labels = torch.arange(m) % source.num_classes if source.num_classes else None
+    reference = teacher.mixture.sample(m, labels, generator=g)
+    return scatter_panels([("teacher", reference), ("student", x0)], path)

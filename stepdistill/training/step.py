@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from stepdistill.errors import RunFailed
 from stepdistill.objectives.base import Objective, get_module
 from stepdistill.training.accel import all_ranks
 
@@ -14,7 +15,7 @@ logger = logging.getLogger(__name__)
 GENERATOR_MODULE = "generator.backbone"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailed):
     """A loss, gradient or weight was NaN/inf and training cannot go on as configured."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import signal
 import threading
 import time
@@ -18,16 +19,19 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from stepdistill.config import Config, ConfigError, check_teacher_source, config_to_dict
-from stepdistill.data import ImageFolderDataset, read_prompts
+from stepdistill.config import Config, ConfigError, config_to_dict
+from stepdistill.config.preflight import check_mixed_precision, check_output_dir, resolve_report_to
+from stepdistill.errors import RunFailed
 from stepdistill.io import write_atomic
-from stepdistill.objectives import Objective, build_objective, objective_class
+from stepdistill.objectives import Objective, build_objective
 from stepdistill.objectives.base import get_module
-from stepdistill.training import accel, checkpoint, options
+from stepdistill.training import accel, checkpoint, options, preflight, rundir
 from stepdistill.training.ema import EMA_FILE, GeneratorEMA
+from stepdistill.training.guards import SampleGuard
 from stepdistill.training.hooks import DEFAULT_HOOKS, Hook, save_preview
+from stepdistill.training.reporting import RunReport, flat_scalars
+from stepdistill.training.restore import finish_export
 from stepdistill.training.step import GENERATOR_MODULE, NonFiniteError, StepRunner
 
 logger = logging.getLogger(__name__)
@@ -47,15 +51,27 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         if t.device_threads:
             torch.set_num_threads(t.device_threads)
-        self.output_dir = Path(t.output_dir)
-        self.accelerator = acc = accel.make_accelerator(t, self.output_dir)
+        self.output_dir = check_output_dir(t.output_dir)
+        self.tracker = resolve_report_to(t.report_to)
+        check_mixed_precision(t.mixed_precision, torch.cuda.is_available())
+        self.accelerator = acc = accel.make_accelerator(t, self.output_dir, self.tracker)
         set_seed(t.seed)
-        self.hooks = [factory() for factory in DEFAULT_HOOKS] + list(hooks or [])
-        self._check_output_dir()
-        self._preflight(load_teacher=objective is None)
+        self.hooks = [factory() for factory in DEFAULT_HOOKS] + [SampleGuard()] + list(hooks or [])
+        preflight.check_inputs(cfg, load_teacher=objective is None, warn=self.warn)
+        rundir.check_run_dir(t, self.output_dir)
+        self.identity = checkpoint.run_identity(config_to_dict(cfg))
+        self.config_hash = checkpoint.config_hash(self.identity)
+        if t.resume in ("latest", "latest-valid"):
+            for p in checkpoint.incomplete_checkpoints(self.output_dir):
+                self.warn("skipping incomplete checkpoint %s (its write was interrupted)", p)
+        self.resume_from = checkpoint.find_resume_checkpoint(self.output_dir, t.resume, self.warn)
+        if self.resume_from is not None:
+            preflight.check_checkpoint_config(self.resume_from, self.identity, self.config_hash, self.warn)
         self.optimizer_class = options.optimizer_class(t.optimizer)  # before the teacher loads
+        self._start_run_dir()
         self.objective = objective or build_objective(cfg, acc.device)
-        self._check_compatible()
+        preflight.check_generator(self.objective.generator, cfg)
+        self.objective.check_compatible()
         accel.check_distributed(acc.distributed_type, [g.name for g in self.objective.optimizer_groups()])
         self.objective.to(acc.device)  # the teacher is no submodule: its backbone stays where it was loaded
         with acc.main_process_first():
@@ -71,6 +87,7 @@ class Trainer:
         self._build_optimizers()
         self.step = 0
         self._signal = 0
+        self.report: RunReport | None = None
 
     # ------------------------------------------------------------------ setup
     def warn(self, message: str, *args: object) -> None:
@@ -78,50 +95,20 @@ class Trainer:
         if self.accelerator.is_main_process:
             logger.warning(message, *args)
 
-    def _check_output_dir(self) -> None:
-        """Refuse an output folder that holds a different run unless resuming or overwriting is asked for."""
-        t = self.cfg.train
-        saved = self.output_dir / "config.json"
-        if not saved.is_file() or t.overwrite:
-            return
-        previous = json.loads(saved.read_text())
-        current = json.loads(json.dumps(config_to_dict(self.cfg), default=str))
-        if t.resume and {k: v for k, v in previous.items() if k != "train"} == \
-                {k: v for k, v in current.items() if k != "train"}:
-            return
-        if t.resume:
-            raise ConfigError(f"train.output_dir {self.output_dir} holds a run with a different config: resume it "
-                              "with its own config, or choose another output_dir")
-        raise ConfigError(f"train.output_dir {self.output_dir} already holds a run: set train.resume=latest to "
-                          "continue it, train.overwrite=true to replace it, or choose another output_dir")
-
-    def _preflight(self, load_teacher: bool) -> None:
-        """Checks that need no model, run before the teacher loads: its source, options, the objective's own
-        refusals, the prompt file, the real images."""
-        cfg = self.cfg
-        if load_teacher:
-            check_teacher_source(cfg.teacher)
-        options.check_attention(cfg.train.attention)
-        if cfg.teacher.offload and (refusal := options.teacher_offload_refusal(cfg)):
-            raise ConfigError(refusal)
-        objective_class(cfg.objective.name).preflight(cfg)
-        if cfg.data.prompts_file:
-            read_prompts(cfg.data.prompts_file)
-        if cfg.data.image_dir:
-            images = ImageFolderDataset(cfg.data.image_dir, cfg.data.resolution, cfg.data.bad_images)
-            if images.num_skipped:
-                self.warn("data.image_dir: skipped %d bad files (%s); training on %d images", images.num_skipped,
-                          ", ".join(f"{len(v)} {k}" for k, v in images.skipped.items()), len(images))
-
-    def _check_compatible(self) -> None:
-        """Teacher, student and objective fit together (before pair generation or any training)."""
-        generator = self.objective.generator
-        kind, prediction = generator.schedule.kind, generator.prediction_type
-        if (prediction == "flow" and kind != "flow") or (prediction == "v_prediction" and kind == "flow"):
-            raise ConfigError(f"student.prediction_type={prediction} does not fit the student's {kind} schedule: "
-                              f"unset student.prediction_type, or set student.schedule="
-                              f"{'flow' if prediction == 'flow' else 'teacher'}")
-        self.objective.check_compatible()
+    def _start_run_dir(self) -> None:
+        """Move an old run aside for train.overwrite, create the folder and record the config (main process)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.cfg.train.overwrite:
+                aside = rundir.move_aside(self.output_dir)
+                if aside is not None:
+                    logger.warning("train.overwrite: moved the previous contents of %s to %s (delete it when you no "
+                                   "longer need it)", self.output_dir, aside)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.output_dir / rundir.RUN_MARKER,
+                         json.dumps(config_to_dict(self.cfg), indent=2, default=str))
+        acc.wait_for_everyone()
 
     def _build_optimizers(self) -> None:
         acc, t = self.accelerator, self.cfg.train
@@ -179,21 +166,40 @@ class Trainer:
         if acc.is_main_process:
             checkpoint.begin_checkpoint(self.output_dir, self.step)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        final = tmp.with_name(f"{checkpoint.CHECKPOINT_PREFIX}{self.step}")
-        if acc.is_main_process:
-            if self.ema is not None:
-                self.ema.save(tmp / EMA_FILE)
-            for i, module in enumerate(self.objective.checkpoint_modules()):
-                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                          str(tmp / checkpoint.OBJECTIVE_STATE.format(i)))
-            checkpoint.write_trainer_state(tmp, {"step": self.step, "skipped_steps": self.skipped_steps})
-            for hook in self.hooks:
-                hook.on_checkpoint_written(self, tmp)
-            final = checkpoint.finish_checkpoint(tmp, self.step, self.cfg.train.checkpoints_limit)
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            final = tmp.with_name(f"{checkpoint.CHECKPOINT_PREFIX}{self.step}")
+            if acc.is_main_process:
+                self._write_own_state(tmp)
+                final = checkpoint.finish_checkpoint(tmp, self.step, self.cfg.train.checkpoints_limit,
+                                                     self.config_hash)
+        except Exception as e:  # a full disk, say (torch reports it as a failed zip write): say so, free the space
+            free = shutil.disk_usage(tmp.parent).free / 2**20
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise RunFailed(f"writing checkpoint-{self.step} into {tmp.parent} failed ({str(e).splitlines()[0]}) "
+                            f"with {free:.1f} MiB free on that disk: free space, or choose another "
+                            "train.output_dir") from e
+        except BaseException:  # an abort: the partial folder goes
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         acc.wait_for_everyone()
         return final
+
+    def _write_own_state(self, tmp: Path) -> None:
+        """What accelerate does not save: the EMA, the objective's extra modules, the trainer state (last: it marks
+        the checkpoint complete), then the hooks."""
+        if self.ema is not None:
+            self.ema.save(tmp / EMA_FILE)
+        for i, module in enumerate(self.objective.checkpoint_modules()):
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                      str(tmp / checkpoint.OBJECTIVE_STATE.format(i)))
+        checkpoint.write_trainer_state(tmp, {"step": self.step, "skipped_steps": self.skipped_steps,
+                                             "config_hash": self.config_hash, "config": self.identity})
+        for hook in self.hooks:
+            hook.on_checkpoint_written(self, tmp)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything save_checkpoint wrote."""
@@ -241,49 +247,43 @@ class Trainer:
     def train(self) -> TrainResult:
         """Train to train.max_steps (resuming if asked); SIGINT/SIGTERM save a checkpoint and stop early."""
         acc, t = self.accelerator, self.cfg.train
-        if t.resume == "latest":
-            for p in checkpoint.incomplete_checkpoints(self.output_dir):
-                self.warn("skipping incomplete checkpoint %s (its write was interrupted)", p)
-        resume_from = checkpoint.find_resume_checkpoint(self.output_dir, t.resume)
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-            logger.info("resumed from %s at step %d", resume_from, self.step)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.output_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2, default=str))
-        if t.report_to != "none":
-            acc.init_trackers("stepdistill", config=_flat_scalars(config_to_dict(self.cfg)))
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+            if acc.is_main_process:
+                logger.info("resumed from %s at step %d (%s)", self.resume_from.name, self.step, self.resume_from)
+        if self.tracker:
+            acc.init_trackers("stepdistill", config=flat_scalars(config_to_dict(self.cfg)))
+        self.report = RunReport(acc, self.objective.phases, t.max_steps, self.step, t.progress,
+                                tracking=self.tracker is not None)
         for hook in self.hooks:
             hook.on_train_start(self)
-        with self._signals_caught():
-            stopped = self._loop()
-            if stopped:
-                return TrainResult(self.output_dir, self.step, None, self.skipped_steps, stopped)
-            final_dir = self.finish()
-        for tracker in acc.trackers:  # not end_training(): it would also end the process group a recipe's
-            tracker.finish()          # next stage trains in
+        try:
+            with self._signals_caught():
+                stopped = self._loop()
+                if stopped:
+                    return TrainResult(self.output_dir, self.step, None, self.skipped_steps, stopped)
+                final_dir = self.finish()
+        finally:
+            self.report.close()
+            for tracker in acc.trackers:  # not end_training(): it would also end the process group a recipe's
+                tracker.finish()          # next stage trains in
         return TrainResult(self.output_dir, self.step, final_dir, self.skipped_steps)
 
     def _loop(self) -> int:
         """Steps until max_steps (returns 0) or until a signal, after saving a checkpoint (returns the signal)."""
         acc, t = self.accelerator, self.cfg.train
         batches = self.batches()
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and acc.is_local_main_process))
         started, start_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
             batch = next(batches)
             self.seed_step()
             logs = self.train_step(batch)
+            self.report.step(self.step, logs)
             self.step += 1
-            bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                logs["steps_per_s"] = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
-                logs["skipped_steps"] = self.skipped_steps
-                bar.set_postfix({k.split("/")[0] if k.endswith("/loss") else k: f"{v:.4g}"
-                                 for k, v in logs.items() if k.endswith("/loss") or k == "steps_per_s"})
-                if t.report_to != "none":
-                    acc.log(logs, step=self.step)
+                self.report.flush(self.step, {
+                    "steps_per_s": (self.step - start_step) / max(time.perf_counter() - started, 1e-9),
+                    "skipped_steps": self.skipped_steps})
             saved = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
             if saved:
                 self.save_checkpoint()
@@ -296,9 +296,7 @@ class Trainer:
                 if not saved:
                     path = self.save_checkpoint()
                 self.warn("stopped at step %d; checkpoint %s; continue with train.resume=latest", self.step, path)
-                bar.close()
                 return self._signal or signal.SIGTERM
-        bar.close()
         return 0
 
     @property
@@ -328,8 +326,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     @contextmanager
-    def _inference_generator(self, ema: bool) -> Iterator:
-        """The generator with its raw backbone (and EMA weights inside the block, if asked and on)."""
+    def inference_generator(self, ema: bool = True) -> Iterator:
+        """The generator with its raw backbone (and the EMA weights inside the block, if asked and on)."""
         generator = self.objective.generator
         prepared = generator.backbone
         generator.backbone = accel.unwrap(self.accelerator, prepared)
@@ -352,45 +350,50 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> Path | None:
+        """A preview of the current generator (EMA weights) in samples/, also sent to the tracker."""
         if not self.accelerator.is_main_process:
             return None
         out = self.output_dir / "samples" / f"step-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        with self._inference_generator(ema=True) as generator:
-            return save_preview(generator, self.objective.source, self.cfg.train.num_validation_samples, out,
-                                seed=self.cfg.train.seed)
+        with self.inference_generator(ema=True) as generator:
+            save_preview(generator, self.objective.source, self.cfg.train.num_validation_samples, out,
+                         seed=self.cfg.train.seed)
+        if self.report is not None:
+            self.report.log_image("samples", out, self.step)
+        return out
 
     def finish(self) -> Path:
         """Final checkpoint, preview and the exported student."""
         acc = self.accelerator
-        if self.cfg.train.checkpoint_every:
+        t = self.cfg.train
+        if t.checkpoint_every:
             self.save_checkpoint()
-        self.validate()
+        if not (t.validate_every and self.step % t.validate_every == 0):  # the loop just made this step's preview
+            self.validate()
         final_dir = self.output_dir / "final"
         if acc.is_main_process:
-            self.objective.export(self.generator_for_inference(), final_dir)
+            try:
+                self.objective.export(self.generator_for_inference(), final_dir)
+            except Exception as e:
+                raise self._export_failed(final_dir, e) from e
+            finish_export(final_dir, self.cfg, self.objective, self.step)
         acc.wait_for_everyone()
         for hook in self.hooks:
             hook.on_train_end(self)
         return final_dir
 
+    def _export_failed(self, final_dir: Path, error: Exception) -> Exception:
+        """The error of a failed export, saying that the training is kept and how to export it again."""
+        saved = checkpoint.list_checkpoints(self.output_dir)
+        kept = (f"the trained state is in {saved[-1]}: fix the cause, then `stepdistill export {saved[-1]} --out "
+                f"{final_dir}`" if saved else "no checkpoint was kept (train.checkpoint_every=0)")
+        message = f"training finished but the export to {final_dir} failed: {str(error).splitlines()[0]}; {kept}"
+        return ConfigError(message) if isinstance(error, ValueError) else RunFailed(message)
+
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of training step `step` on process `rank`."""
     return ((seed * 1_000_003 + step) * 1_009 + rank) % 2**63
-
-
-def _flat_scalars(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat_scalars(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
 
 
 def train(cfg: Config) -> TrainResult:

@@ -45,6 +45,11 @@ class ScoreDistillationConfig(ObjectiveConfig):
               "gan_max_step": "(0,1]"}
 
 
+def autocast_off(device: torch.device):
+    """A region where no autocast applies (mixed precision stays on outside it)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class ScoreDistillation(Objective):
     """Generator and critic phases with TTUR; subclasses implement `generator_loss`."""
 
@@ -61,6 +66,7 @@ class ScoreDistillation(Objective):
         self.critic = Critic(teacher, build_fake_score(teacher, config.critic, config.critic_lora_rank),
                              with_head=bool(config.real_data))
         self.real_guidance = GuidanceSampler(config.real_guidance)
+        self._sample: tuple[int, Tensor, Cond] | None = None  # (step, detached generator sample, its conditions)
 
     @classmethod
     def shares_teacher_backbone(cls, config: ScoreDistillationConfig) -> bool:
@@ -73,6 +79,10 @@ class ScoreDistillation(Objective):
             rungs.append(("shared-base LoRA critic", ["objective.critic=shared_base",
                                                       f"objective.critic_lora_rank={cfg.objective.critic_lora_rank}"]))
         return PlanHints(meta_overrides=["objective.real_data=''"], rungs=rungs)
+
+    @property
+    def reference_guidance(self) -> float:
+        return self.config.real_guidance
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
@@ -120,13 +130,16 @@ class ScoreDistillation(Objective):
 
     # ------------------------------------------------------------------ scores
     def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """x0 of the frozen teacher with classifier-free guidance, in float64."""
+        """x0 of the frozen teacher with classifier-free guidance, in float64. No autocast: the teacher runs in its
+        own dtype, as the official code runs its bf16 real UNet (`sd_guidance.py`)."""
         guidance = self.real_guidance(len(cond), x_t.device)
-        return self.teacher.predict(x_t, t, cond, guidance, dtype=torch.float64).x0
+        with autocast_off(x_t.device):
+            return self.teacher.predict(x_t, t, cond, guidance, dtype=torch.float64).x0
 
     def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """x0 of the critic's fake score (conditional, unguided), in float64."""
-        out, _ = self.critic(x_t, t, cond.fields)
+        """x0 of the critic's fake score (conditional, unguided), in float64; the fake score runs in full precision
+        also under mixed precision, as in the official code ("autocast and no_grad doesn't work well together")."""
+        out, _ = self.critic(x_t, t, cond.fields, full_precision=True)
         return self.teacher.schedule.to_x0_eps(out, x_t, t, dtype=torch.float64)[0]
 
     def gan_timesteps(self, n: int, device: torch.device) -> Tensor:
@@ -137,13 +150,21 @@ class ScoreDistillation(Objective):
 
     # ------------------------------------------------------------------ losses
     def loss(self, phase: str, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """On a generator step the critic then trains on the same sample, drawn before the generator's update (the
+        official `train_one_step` reuses it); on critic-only steps it draws one without gradient."""
+        if phase == "critic" and self._sample is not None and self._sample[0] == step:
+            _, x, cond = self._sample
+            self._sample = None
+            return self.critic_loss(x, cond)
         cond = self.source.encode(batch["cond_index"]).to(self.device)
         noise = self.noise(len(cond))
         k = self.sampled_step(step)
         x_in = self.generator_input(noise, cond, k)
         t_k = self.generator.time(k, x_in)
         if phase == "generator":
-            return self.generator_loss(self.generator(x_in, cond, t_k), cond, batch)
+            x = self.generator(x_in, cond, t_k)
+            self._sample = (step, x.detach(), cond)
+            return self.generator_loss(x, cond, batch)
         with torch.no_grad():
             x = self.generator(x_in, cond, t_k)
         return self.critic_loss(x, cond)
@@ -152,13 +173,19 @@ class ScoreDistillation(Objective):
         """Losses of the generator sample x (with gradient); "loss" is backpropagated."""
         raise NotImplementedError
 
+    def gan_fields(self, cond: Cond) -> dict[str, Tensor]:
+        """The conditioning of generator samples in the GAN: their prompts, or the null prompt when the real
+        samples have no conditions of their own (otherwise the discriminator could tell the branches apart by
+        their conditions alone)."""
+        return cond.fields if self.real.conditional else cond.null
+
     def gan_generator_loss(self, x: Tensor, cond: Cond) -> Tensor:
         """Non-saturating GAN loss of generator samples (DMD2 §4.3); the gradient flows through the critic into G
         only."""
         with frozen(self.critic):
             t = self.gan_timesteps(x.shape[0], x.device)
             x_t = self.teacher.schedule.add_noise(x, torch.randn_like(x), t)
-            _, logit = self.critic(x_t, t, cond.fields, classify=True)
+            _, logit = self.critic(x_t, t, self.gan_fields(cond), classify=True)
         return F.softplus(-logit).mean()
 
     def critic_loss(self, x: Tensor, cond: Cond) -> dict[str, Tensor]:
@@ -175,12 +202,15 @@ class ScoreDistillation(Objective):
         losses = {"denoise": loss_denoise}
         total = loss_denoise
         if self.real is not None and c.gan_critic_weight > 0:
-            real, _ = self.real.draw(cond, x.device)
-            t_gan = self.gan_timesteps(x.shape[0], x.device)
-            both = torch.cat([schedule.add_noise(x, torch.randn_like(x), t_gan),
-                              schedule.add_noise(real, torch.randn_like(real), t_gan)])
-            fields = {k: torch.cat([v, v]) for k, v in cond.fields.items()}
-            _, logits = self.critic(both, torch.cat([t_gan, t_gan]), fields, classify=True)
+            # each real sample with its own condition (its caption), and each branch with its own diffusion-GAN
+            # timesteps, as the official `compute_cls_logits` draws them per call
+            real, real_cond = self.real.draw(cond, x.device)
+            t_fake, t_real = self.gan_timesteps(x.shape[0], x.device), self.gan_timesteps(real.shape[0], x.device)
+            both = torch.cat([schedule.add_noise(x, torch.randn_like(x), t_fake),
+                              schedule.add_noise(real, torch.randn_like(real), t_real)])
+            fake_fields, real_fields = self.gan_fields(cond), self.gan_fields(real_cond)
+            fields = {k: torch.cat([fake_fields[k], real_fields[k]]) for k in fake_fields}
+            _, logits = self.critic(both, torch.cat([t_fake, t_real]), fields, classify=True)
             logit_fake, logit_real = logits.chunk(2)
             loss_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
             losses["gan_d"] = loss_d

@@ -94,10 +94,15 @@ class Critic(nn.Module):
         _, features = self._run(x, torch.full((1,), 500.0, device=device), fields)
         return classifier_head(tuple(features.shape[1:])).to(device)
 
-    def forward(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor], classify: bool = False
-                ) -> tuple[Tensor, Tensor | None]:
-        """(raw fake-score output, GAN logit or None)."""
-        out, features = self._run(x_t, t, fields)
+    def forward(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor], classify: bool = False,
+                full_precision: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(raw fake-score output, GAN logit or None). `full_precision` switches autocast off inside this call,
+        including the autocast accelerate wraps a prepared module's forward in."""
+        if full_precision:
+            with torch.autocast(device_type=x_t.device.type, enabled=False):
+                out, features = self._run(x_t.float(), t, fields)
+        else:
+            out, features = self._run(x_t, t, fields)
         if not classify:
             return out, None
         if self.head is None:

@@ -32,10 +32,19 @@ class RealSamples:
             images = RealImages(folder, teacher, cache_dir)
         return cls(kind, teacher, images)
 
-    def draw(self, cond: Cond, device: torch.device) -> tuple[Tensor, list[str] | None]:
-        """Real samples for a batch and their captions: of the batch's classes for the mixture (captions None: the
-        batch's conditioning applies); random real images with their own captions (None if the folder has none)."""
+    @property
+    def conditional(self) -> bool:
+        """Whether each real sample has a condition of its own (a class, a caption)."""
+        return self.images is None or self.images.captions is not None
+
+    def draw(self, cond: Cond, device: torch.device) -> tuple[Tensor, Cond]:
+        """Real samples for a batch and their own conditions: mixture draws of the batch's classes (so the batch's
+        conditions), or random real images with their captions encoded by the teacher (DMD2's real branch,
+        `sd_guidance.py`); without captions, the null condition."""
         n = len(cond)
         if self.images is None:
-            return self.teacher.mixture.sample(n, cond.fields.get("class_labels", None)).to(device), None
-        return self.images.draw(n, device)
+            return self.teacher.mixture.sample(n, cond.fields.get("class_labels", None)).to(device), cond
+        latents, captions = self.images.draw(n, device)
+        if captions is None:
+            return latents, Cond(dict(cond.null), dict(cond.null), n)
+        return latents, self.teacher.encode(captions).to(device)

@@ -1,0 +1,122 @@
+"""`stepdistill sample`: images from an exported student (or any diffusers pipeline folder) from the shell. Each
+image is a PNG named by its prompt and seed, `grid.png` shows them labelled (a row per prompt, a column per seed),
+and `samples.json` records the exact pipeline call. A student of the analytic teacher gives its points (CSV) and a
+scatter beside the teacher's own samples."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from stepdistill.config import ConfigError, check_pipeline_folder, config_from_dict
+
+IMAGES_PER_PROMPT = 4
+POINTS = 1024
+RUN_CONFIG = "training_config.json"  # the config of the run an export came from (see training.restore)
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+
+
+def sample(export: str | Path, prompts: list[str], num: int | None, seed: int, out: Path, steps: int | None = None,
+           guidance: float | None = None) -> dict:
+    folder = Path(export)
+    if not folder.is_dir():
+        raise ConfigError(f"sample: {folder} is not a folder: give an exported student (e.g. runs/NAME/final) or a "
+                          "diffusers pipeline folder")
+    from stepdistill.export.mlp import STUDENT_JSON
+
+    if (folder / STUDENT_JSON).is_file():  # an MLP student of the analytic teacher
+        return sample_points(folder, prompts, num or POINTS, seed, out)
+    return sample_images(folder, prompts, num or IMAGES_PER_PROMPT, seed, out, steps, guidance)
+
+
+def _pipeline_call(recipe: dict, steps: int | None, guidance: float | None) -> dict:
+    """The pipeline arguments: the export's recipe, with --steps / --guidance where they apply."""
+    kwargs = dict(recipe.get("pipeline_kwargs") or {})
+    sampling = recipe.get("sampling") or {}
+    if steps is not None:
+        if recipe and not sampling.get("any_num_steps"):
+            raise ConfigError(f"--steps: this student was trained to sample in {recipe.get('num_inference_steps')} "
+                              f"step(s) at timesteps {recipe.get('student_timesteps')}; leave --steps out")
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    return kwargs
+
+
+def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Path, steps: int | None,
+                  guidance: float | None) -> dict:
+    import torch
+
+    from stepdistill.export import RECIPE_FILE
+    from stepdistill.pipelines import load_exported
+    from stepdistill.visualize import labelled_grid
+
+    if not prompts:
+        raise ConfigError(f"sample: {folder} is a text-to-image pipeline: give at least one prompt, e.g. "
+                          f"stepdistill sample {folder} \"a photo of a cat\"")
+    recipe = json.loads((folder / RECIPE_FILE).read_text()) if (folder / RECIPE_FILE).is_file() else {}
+    call = _pipeline_call(recipe, steps, guidance)  # refused arguments fail before the pipeline loads
+    if not recipe:
+        check_pipeline_folder(folder, what="sample:")
+    pipe, _ = load_exported(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(seed, seed + num))
+    rows, files = [], []
+    for i, prompt in enumerate(prompts):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU noise: the same images on any device
+        images = pipe(prompt=[prompt] * num, generator=generators, **call).images
+        rows.append(images)
+        for s, image in zip(seeds, images):
+            path = out / f"{i:02d}-{_slug(prompt)}-seed{s}.png"
+            image.save(path)
+            files.append(str(path))
+    grid = labelled_grid(rows, out / "grid.png", row_labels=prompts, column_labels=[f"seed {s}" for s in seeds])
+    record = {"export": str(folder), "prompts": prompts, "seeds": seeds, "call": call, "device": device,
+              "files": files, "grid": str(grid)}
+    (out / "samples.json").write_text(json.dumps(record, indent=2))
+    return {"out": str(out), "images": len(files), "grid": str(grid), "call": call}
+
+
+def sample_points(folder: Path, prompts: list[str], num: int, seed: int, out: Path) -> dict:
+    """A student of the analytic teacher: `num` points (classes cycled, or the given class indices) and a scatter
+    beside the teacher's samples."""
+    import torch
+
+    from stepdistill.export import load_mlp_student
+    from stepdistill.teachers import load_teacher
+    from stepdistill.visualize import scatter_panels
+
+    config = next((p for p in (folder / RUN_CONFIG, folder.parent / "config.json") if p.is_file()), None)
+    if config is None:
+        raise ConfigError(f"sample: {folder} is a student of the analytic teacher but neither {folder / RUN_CONFIG} "
+                          f"nor {folder.parent / 'config.json'} says which teacher: export it with "
+                          "stepdistill export")
+    teacher = load_teacher(config_from_dict(json.loads(config.read_text())).teacher)
+    generator = load_mlp_student(folder, teacher).eval()
+    classes = teacher.num_classes
+    if prompts and not classes:
+        raise ConfigError(f"sample: {folder} is an unconditional student: give no prompts")
+    try:
+        labels = [int(p) for p in prompts]
+    except ValueError as e:
+        raise ConfigError(f"sample: this student's conditions are class indices 0..{classes - 1}, got "
+                          f"{prompts}") from e
+    if any(not 0 <= c < classes for c in labels):
+        raise ConfigError(f"sample: class indices must lie in 0..{classes - 1}, got {labels}")
+    g = torch.Generator().manual_seed(seed)
+    pool = labels or list(range(classes)) or [0]
+    index = torch.tensor(pool)[torch.arange(num) % len(pool)]
+    noise = torch.randn((num, *teacher.sample_shape), generator=g)
+    x0 = generator.sample(noise, teacher.encode(index))
+    reference = teacher.mixture.sample(num, index if classes else None, generator=g)
+    out.mkdir(parents=True, exist_ok=True)
+    points = out / "points.csv"
+    points.write_text("x,y,class\n" + "".join(f"{x:.6g},{y:.6g},{int(c)}\n"
+                                              for (x, y), c in zip(x0[:, :2].tolist(), index.tolist())))
+    plot = scatter_panels([("teacher", reference), ("student", x0)], out / "scatter.png")
+    return {"out": str(out), "points": str(points), "scatter": str(plot), "num": num}

@@ -1,0 +1,44 @@
+"""Running the real command line in a subprocess (`python -m stepdistill`, the tree under test first on the path)
+and checking that a failure is one line naming its culprit, with the documented exit code."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "stepdistill" / "assets"
+DIGITS_TEACHER = ASSETS / "digits_teacher"
+DIGITS_PROMPTS = ASSETS / "configs" / "digits_prompts.txt"
+DEMO_CONFIG = ASSETS / "configs" / "demo.yaml"
+
+
+def cli_env(**extra: str) -> dict:
+    """One thread, offline, no GPU (the CPU-only checks hold on any machine), no progress bars unless asked."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def cli_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "stepdistill", *map(str, args)]
+
+
+def run_cli(*args: object, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(**env), capture_output=True, text=True,
+                          check=False, timeout=timeout)
+
+
+def assert_fails(proc: subprocess.CompletedProcess, code: int, *culprits: str) -> str:
+    """The command failed with `code`, printed no traceback and nothing on stdout, and its last stderr line is one
+    `stepdistill:` line holding every culprit; returns that line."""
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("stepdistill: error: " if code == 2 else "stepdistill: "), last
+    for culprit in culprits:
+        assert culprit in last, f"{culprit!r} not in {last!r}"
+    return last

@@ -1,0 +1,45 @@
+"""DMD2's one-step warm start as one command (`dmd2_sdxl_1step_warm`): a regression stage on teacher pairs, then
+DMD2 whose generator starts from that stage's export, both conditioned at t = 399; command-line overrides reach
+every stage. Run through the CLI on a tiny SDXL teacher."""
+import json
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stepdistill.cli import main
+from stepdistill.config import load_config_tree, read_config_tree
+from stepdistill.objectives import build_objective
+from stepdistill.recipes import plan_stages
+from stepdistill.recipes.runner import stage_config
+from stepdistill.teachers.tiny import save_tiny_pipeline
+
+
+def test_regression_then_dmd2_from_its_export(tmp_path, capsys):
+    teacher = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    out = tmp_path / "run"
+    overrides = [f"teacher.path={teacher}", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=2",
+                 "train.checkpoint_every=0", "train.report_to=none", "train.num_validation_samples=2",
+                 "train.progress=false", "train.mixed_precision='no'", "train.gradient_checkpointing=false",
+                 "objective.pairs.num=4", "objective.pairs.steps=2"]
+    tree = load_config_tree("dmd2_sdxl_1step_warm", overrides)
+    stages = {s.name: s for s in plan_stages(tree)}
+    assert list(stages) == ["regression", "dmd2"]
+    dmd2 = stage_config(stages["dmd2"], stages)
+    assert dmd2.objective.name == "dmd2" and dmd2.student.init == str(out / "regression" / "final")
+    assert dmd2.teacher.path == str(teacher) and dmd2.train.max_steps == 120000  # the stage's own budget
+    short = read_config_tree("dmd2_sdxl_1step_warm")  # the preset with a two-step DMD2 stage
+    short["recipe"][1]["set"]["train.max_steps"] = 2
+    (tmp_path / "warm.yaml").write_text(yaml.safe_dump(short))
+    assert main(["train", "--json", "--config", str(tmp_path / "warm.yaml"), *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in summary["stages"]] == ["regression", "dmd2"]
+    for stage in ("regression", "dmd2"):
+        recipe = json.loads((out / stage / "final" / "stepdistill.json").read_text())
+        assert recipe["student_timesteps"] == [399.0]
+    # the DMD2 generator starts from the regression export, not from the teacher
+    generator = build_objective(dmd2, "cpu").generator.backbone.state_dict()
+    exported = load_file(str(out / "regression" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    teacher_unet = load_file(str(teacher / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(generator[k], v) for k, v in exported.items())
+    assert any(not torch.equal(exported[k], teacher_unet[k]) for k in exported)
