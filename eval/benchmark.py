@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from stepdistill import digits
-from stepdistill.demo import DEMO_CONFIG, EVAL_SEED, markdown_table, run_distillation
-from stepdistill.metrics.digits import REFERENCE_NAME, TEACHER_GUIDANCE, digits_reference, evaluate_digits
-from stepdistill.pipelines import load_exported
+from stepdistill.evaluation.miniature import evaluate_pipeline, evaluate_student, load_reference
+from stepdistill.miniature import get_dataset
+from stepdistill.miniature.demo import DEMO_CONFIG, EVAL_SEED, markdown_table, run_distillation
+from stepdistill.miniature.teacher import load_teacher
+
+DIGITS = get_dataset("digits")
+TEACHER_GUIDANCE = DIGITS.guidance
 
 DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
 # Each method's objective section; everything else (teacher, student = a copy of its UNet at t = 999, batch 32,
@@ -48,14 +51,14 @@ def real_images(folder: Path) -> Path:
     """The train digits as PNGs with their prompts as captions (metadata.jsonl): the GAN's real data."""
     from PIL import Image
 
-    images, labels = digits.load_digit_images("train")
+    images, labels = DIGITS.load_images("train")
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (image, label) in enumerate(zip(images, labels)):
         name = f"{i:05d}.png"
         array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         Image.fromarray(array).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": digits.digit_prompt(int(label))}))
+        lines.append(json.dumps({"file_name": name, "text": DIGITS.prompts[int(label)]}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -76,7 +79,9 @@ def run_recipe_method(name: str, out: Path, reference: dict, per_digit: int) -> 
     """Run a recipe method's preset on the shipped teacher and evaluate its listed stages at their step counts; the
     last row carries the whole recipe's training time and steps."""
     from stepdistill.config import load_config_tree
-    from stepdistill.demo import asset_overrides
+    from stepdistill.evaluation.miniature import sampling_kwargs
+    from stepdistill.miniature.demo import asset_overrides
+    from stepdistill.pipelines import load_exported
     from stepdistill.recipes import run_recipe
 
     method = METHODS[name]
@@ -89,12 +94,10 @@ def run_recipe_method(name: str, out: Path, reference: dict, per_digit: int) -> 
     for stage, step_counts in method["rows"].items():
         pipe, recipe = load_exported(folder / stage / "final")
         pipe.set_progress_bar_config(disable=True)
-        kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items()
-                  if k not in ("guidance_scale", "num_inference_steps")}
         for steps in step_counts:
             row = f"{name}: {stage}" + (f", {steps} Euler steps" if recipe["sampling"]["any_num_steps"] else "")
-            rows[row], _ = evaluate_digits(pipe, reference, steps, recipe["guidance_scale"], per_digit, EVAL_SEED,
-                                           **kwargs)
+            rows[row], _ = evaluate_pipeline(pipe, DIGITS, reference, steps, recipe["guidance_scale"], per_digit,
+                                             EVAL_SEED, **sampling_kwargs(recipe))
             print(row, json.dumps(rows[row]), flush=True)
     rows[row].update(train_seconds=round(seconds, 1), train_steps=sum(r["steps"] for r in results))
     return rows
@@ -126,12 +129,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
-    teacher = digits.load_digits_pipeline()
-    reference = digits_reference(teacher, digits.TEACHER_DIR / REFERENCE_NAME)
+    teacher = load_teacher(DIGITS)
+    reference = load_reference(DIGITS)
     rows = {}
     for steps in (1, 4):
-        rows[f"teacher {steps}-step DDIM"], _ = evaluate_digits(teacher, reference, steps, TEACHER_GUIDANCE,
-                                                                args.per_digit, EVAL_SEED)
+        rows[f"teacher {steps}-step DDIM"], _ = evaluate_pipeline(teacher, DIGITS, reference, steps, TEACHER_GUIDANCE,
+                                                                  args.per_digit, EVAL_SEED)
     real = real_images(out / "real_digits")
     for name in args.methods:
         if "recipe" in METHODS[name]:
@@ -143,12 +146,7 @@ def main() -> None:
         _, result = run_distillation(method_config(name, out, real), [
             f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
         seconds = time.perf_counter() - run_start
-        student, recipe = load_exported(result.final_dir)
-        student.set_progress_bar_config(disable=True)
-        kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items()
-                  if k not in ("guidance_scale", "num_inference_steps")}
-        rows[name], _ = evaluate_digits(student, reference, recipe["num_inference_steps"], recipe["guidance_scale"],
-                                        args.per_digit, EVAL_SEED, **kwargs)
+        rows[name] = evaluate_student(result.final_dir, DIGITS, args.per_digit, EVAL_SEED)
         rows[name].update(train_seconds=round(seconds, 1), train_steps=train_steps)
         print(name, json.dumps(rows[name]), flush=True)
     report = {"rows": rows, "floors": {"fid_teacher_vs_teacher": float(reference["teacher_floor"]),

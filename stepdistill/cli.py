@@ -72,13 +72,13 @@ def build_parser() -> Parser:
                    help="EMA or raw generator weights (auto: EMA when the run kept one)")
     p.add_argument("--lora", choices=["merged", "adapter"], default="merged",
                    help="a LoRA student as a full pipeline with the LoRA merged, or the adapter alone")
-    p = command("teacher", "train an offline teacher: stepdistill teacher digits [--seed 0]")
-    p.add_argument("name", choices=["digits"])
+    p = command("teacher", "train an offline teacher: stepdistill teacher digits|shapes [--seed 0]")
+    p.add_argument("name", choices=["digits", "shapes"])
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", default=None, help="teacher pipeline folder (default: the shipped asset)")
     p.add_argument("--classifier-out", default=None, help="digit classifier folder (default: the shipped asset)")
-    p.add_argument("--vae-steps", type=COUNT, default=200)
-    p.add_argument("--unet-steps", type=COUNT, default=1500)
+    p.add_argument("--vae-steps", type=COUNT, default=None, help="default: the dataset's recipe")
+    p.add_argument("--unet-steps", type=COUNT, default=None, help="default: the dataset's recipe")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
     p.add_argument("--eval-per-digit", type=COUNT, default=20, help="teacher samples per digit for its accuracy")
     p.add_argument("--reference-per-digit", type=COUNT, default=50, help="50-step samples per digit, FID reference")
@@ -165,23 +165,23 @@ def _export(args: argparse.Namespace) -> dict:
 
 
 def _teacher(args: argparse.Namespace) -> dict:
-    from stepdistill import digits
+    from stepdistill.miniature.teacher import build_teacher
 
     device = args.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return digits.build_digits_teacher(
-        args.out or digits.TEACHER_DIR, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-        classifier_dir=args.classifier_out or digits.CLASSIFIER_DIR, device=device,
-        eval_per_digit=args.eval_per_digit, reference_per_digit=args.reference_per_digit)
+    return build_teacher(
+        args.name, args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+        classifier_dir=args.classifier_out, device=device,
+        eval_per_class=args.eval_per_digit, reference_per_class=args.reference_per_digit)
 
 
 def _demo(args: argparse.Namespace) -> dict:
-    from stepdistill.demo import run_demo
+    from stepdistill.miniature.demo import run_demo
 
-    return run_demo(args.overrides, per_digit=args.eval_per_digit)
+    return run_demo(args.overrides, per_class=args.eval_per_digit)
 
 
 def _eval(args: argparse.Namespace) -> dict:
@@ -189,7 +189,7 @@ def _eval(args: argparse.Namespace) -> dict:
         name = "-".join(Path(args.pipeline).resolve().parts[-2:])
         args.out = str(Path("runs") / "eval" / f"{name}-{args.preset}")
     _out_folder(args.out, "--out")
-    from stepdistill.evaluate import evaluate_cli
+    from stepdistill.evaluation.command import evaluate_cli
 
     return evaluate_cli(args)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from stepdistill.config import load_config, load_config_tree
-from stepdistill.demo import asset_overrides, markdown_table
+from stepdistill.miniature.demo import asset_overrides, markdown_table
 from stepdistill.recipes import plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from gmm_harness import build, optimize
 
 from stepdistill.config import load_config, load_config_tree
 from stepdistill.export import load_mlp_student
-from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.consistency import (
     Consistency,

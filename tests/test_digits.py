@@ -5,24 +5,29 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from stepdistill import digits
 from stepdistill.cli import main
+from stepdistill.miniature import get_dataset
+from stepdistill.miniature.dataset import sample_pipeline
+from stepdistill.miniature.digits import digit_prompt
+
+DIGITS = get_dataset("digits")
 
 
 def test_splits_are_disjoint_and_prompts_name_digits():
-    train, _ = digits.load_digit_images("train")
-    test, _ = digits.load_digit_images("test")
+    train, _ = DIGITS.load_images("train")
+    test, _ = DIGITS.load_images("test")
     assert train.shape[1:] == (3, 16, 16) and len(train) + len(test) == 1797
     assert 0 <= train.min() and train.max() <= 1
     assert not any(torch.equal(test[0], x) for x in train)  # the held-out split is not in training
-    assert digits.PROMPTS[7] == "a handwritten digit seven"
+    assert DIGITS.prompts[7] == "a handwritten digit seven"
 
 
 def test_shipped_classifier_reads_held_out_digits():
-    from stepdistill.metrics.digits import DigitsFeatures, prompt_accuracy
+    from stepdistill.evaluation.miniature import prompt_accuracy
+    from stepdistill.miniature.classifier import ClassifierFeatures
 
-    x, y = digits.load_digit_images("test")
-    model = DigitsFeatures()
+    x, y = DIGITS.load_images("test")
+    model = ClassifierFeatures(DIGITS.classifier_dir)
     assert prompt_accuracy(x, y, model) >= 0.97
     feats = model((x[:64] * 255).round().to(torch.uint8))
     assert feats.shape == (64, 64) and (feats < 0).any()  # pre-activation: not ReLU-clipped
@@ -31,18 +36,19 @@ def test_shipped_classifier_reads_held_out_digits():
 def test_shipped_teacher_is_a_plain_sd_pipeline_that_draws_the_prompted_digit():
     from diffusers import StableDiffusionPipeline
 
-    from stepdistill.metrics.digits import DigitsFeatures, prompt_accuracy
+    from stepdistill.evaluation.miniature import prompt_accuracy
+    from stepdistill.miniature.classifier import ClassifierFeatures
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(digits.TEACHER_DIR))
+    pipe = StableDiffusionPipeline.from_pretrained(str(DIGITS.teacher_dir))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.timestep_spacing == "trailing"
     with torch.no_grad():
-        embeds, _ = pipe.encode_prompt(list(digits.PROMPTS), "cpu", 1, False)
+        embeds, _ = pipe.encode_prompt(list(DIGITS.prompts), "cpu", 1, False)
     distance = torch.cdist(embeds.flatten(1), embeds.flatten(1))
     assert distance[~torch.eye(10, dtype=torch.bool)].min() > 1.0  # the ten prompts condition differently
     labels = torch.arange(10).repeat(3)
-    images = digits.sample_teacher(pipe, labels, steps=20, guidance=3.0, seed=5)
-    assert prompt_accuracy(images, labels, DigitsFeatures()) >= 0.9
+    images = sample_pipeline(pipe, DIGITS, labels, steps=20, guidance=3.0, seed=5)
+    assert prompt_accuracy(images, labels, ClassifierFeatures(DIGITS.classifier_dir)) >= 0.9
 
 
 def test_teacher_command_is_reproducible_from_its_seed(tmp_path):
@@ -51,7 +57,7 @@ def test_teacher_command_is_reproducible_from_its_seed(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     classifier = tmp_path / "classifier"
-    shutil.copytree(digits.CLASSIFIER_DIR, classifier)  # reused: the command trains one only when missing
+    shutil.copytree(DIGITS.classifier_dir, classifier)  # reused: the command trains one only when missing
     args = ["teacher", "digits", "--seed", "3", "--vae-steps", "2", "--unet-steps", "2", "--eval-per-digit", "1",
             "--reference-per-digit", "1", "--device", "cpu", "--classifier-out", str(classifier)]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
@@ -62,7 +68,7 @@ def test_teacher_command_is_reproducible_from_its_seed(tmp_path):
     report = json.loads((tmp_path / "a" / "training.json").read_text())
     assert "--seed 3" in report["command"] and report["unet_steps"] == 2
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"))
-    assert pipe.tokenizer.model_max_length == digits.TEXT_MAX_LENGTH
+    assert pipe.tokenizer.model_max_length == DIGITS.text_max_length
     assert (tmp_path / "a" / "digits_reference.npz").is_file()
 
 
@@ -85,7 +91,7 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     width, height = Image.open(out / "samples.png").size
     assert width >= 20 * 128 and height >= 3 * 128  # 3 rows of 20 digits, upscaled from 16 pixels
     pipe, recipe = load_exported(out / "final")
-    image = pipe(digits.digit_prompt(3), output_type="pt", **recipe["pipeline_kwargs"]).images
+    image = pipe(digit_prompt(3), output_type="pt", **recipe["pipeline_kwargs"]).images
     assert image.shape == (1, 3, 16, 16)
 
     eval_dir = tmp_path / "eval"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gmm_harness import build, optimize
-from stepdistill.metrics.distribution import evaluate_against_mixture, evaluate_generator
+from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
 
 CONFIG = "configs/dmd2_gmm.yaml"

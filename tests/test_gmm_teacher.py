@@ -1,7 +1,7 @@
 """The analytic teacher is the truth the objectives are measured against: check it against the mixture."""
 import torch
 
-from stepdistill.metrics.distribution import energy_distance, evaluate_against_mixture, sliced_wasserstein2
+from stepdistill.evaluation.distribution import energy_distance, evaluate_against_mixture, sliced_wasserstein2
 from stepdistill.schedules import NoiseSchedule
 from stepdistill.teachers.gmm import GaussianMixture, GMMTeacher
 

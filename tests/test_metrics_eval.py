@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stepdistill.metrics.fid import FIDProtocol, MissingWeightsError, compute_fid, reference_statistics
+from stepdistill.evaluation.fid import FIDProtocol, MissingWeightsError, compute_fid, reference_statistics
 
 
 class RandomFeatures(nn.Module):
@@ -65,7 +65,7 @@ def test_cleanfid_backend_equals_cleanfid(folders, mode, tmp_path):
 def test_torchmetrics_backend_equals_torchmetrics(folders, tmp_path):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from stepdistill.metrics.fid import load_images
+    from stepdistill.evaluation.fid import load_images
 
     model = RandomFeatures()
     metric = FrechetInceptionDistance(feature=model, reset_real_features=False)
@@ -108,7 +108,7 @@ def _tiny_clip(folder):
 
 
 def test_clip_score_local_model_matches_cosine(tmp_path):
-    from stepdistill.metrics.clip import clip_score
+    from stepdistill.evaluation.clip import clip_score
 
     model, processor = _tiny_clip(tmp_path / "clip")
     torch.manual_seed(1)
@@ -145,7 +145,7 @@ def _fake_coco(root):
 
 def test_coco_presets_end_to_end(tmp_path):
     from stepdistill.cli import main
-    from stepdistill.metrics.coco import read_captions
+    from stepdistill.evaluation.coco import read_captions
     from stepdistill.teachers.tiny import save_tiny_pipeline
 
     pipe_dir = save_tiny_pipeline("sd", tmp_path / "sd")

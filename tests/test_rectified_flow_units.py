@@ -11,7 +11,7 @@ from torch import nn
 
 from stepdistill.cli import main
 from stepdistill.config import ConfigError, load_config
-from stepdistill.metrics.straightness import straightness
+from stepdistill.evaluation.straightness import straightness
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.perceptual import backbone_weights_file
 from stepdistill.schedules import NoiseSchedule

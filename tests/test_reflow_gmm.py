@@ -11,8 +11,8 @@ import torch
 from gmm_harness import build, optimize
 
 from stepdistill.config import load_config_tree
-from stepdistill.metrics.distribution import evaluate_generator
-from stepdistill.metrics.straightness import straightness, teacher_flow_path
+from stepdistill.evaluation.distribution import evaluate_generator
+from stepdistill.evaluation.straightness import straightness, teacher_flow_path
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.rectified_flow import Reflow
 from stepdistill.recipes import plan_stages

@@ -6,7 +6,7 @@ import torch
 
 from stepdistill.config import load_config
 from stepdistill.data import PairDataset
-from stepdistill.metrics.distribution import evaluate_generator
+from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.regression import Regression
 from stepdistill.training import Trainer

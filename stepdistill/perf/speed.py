@@ -25,7 +25,6 @@ from stepdistill.students import RenoiseGenerator, build_backbone
 from stepdistill.training import Trainer
 
 # dense bf16 tensor-core peak of the datasheets (SXM parts), for MFU
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
 OBJECTIVE_CONFIGS = {  # objective -> preset config per architecture family
     "dmd2": {"sd": "dmd2_sd15", "sdxl": "dmd2_sdxl_1step"},
     "lcm": {"sd": "lcm_sd15", "sdxl": "lcm_lora_sdxl"},

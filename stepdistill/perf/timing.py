@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -23,7 +23,7 @@ class MixtureMetrics(Hook):
     def on_train_end(self, trainer: Trainer) -> None:
         if trainer.objective.teacher.mixture is None or not trainer.accelerator.is_main_process:
             return
-        from stepdistill.metrics.distribution import evaluate_generator
+        from stepdistill.evaluation.distribution import evaluate_generator
 
         self.metrics = evaluate_generator(trainer.generator_for_inference(), n=MIXTURE_SAMPLES,
                                           seed=trainer.cfg.train.seed).as_dict()

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stepdistill.metrics.clip import DEFAULT_CLIP, clip_score
-from stepdistill.metrics.fid import FIDProtocol, compute_fid, reference_statistics
+from stepdistill.evaluation.clip import DEFAULT_CLIP, clip_score
+from stepdistill.evaluation.fid import FIDProtocol, compute_fid, reference_statistics
 
 
 @dataclass
@@ -100,8 +100,9 @@ def run_coco_eval(pipe, preset: CocoPreset, captions_file: str | Path, out_dir: 
                   reference_dir: str | Path | None = None, clip_model: str = DEFAULT_CLIP,
                   fid_protocol: FIDProtocol | None = None, recipe: dict | None = None,
                   cache_dir: str | Path | None = None,
-                  pipeline_path: str = "") -> dict:
-    """Generate the preset's images, compute its metrics, write `<out_dir>/metrics.json` and return it."""
+                  pipeline_path: str = "", feature_module: torch.nn.Module | None = None) -> dict:
+    """Generate the preset's images, compute its metrics, write `<out_dir>/metrics.json` and return it. FID runs
+    on `feature_module` when given, else on the backend's Inception."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -131,9 +132,10 @@ def run_coco_eval(pipe, preset: CocoPreset, captions_file: str | Path, out_dir: 
     }
     if preset.fid:
         size = preset.eval_resolution
-        ref = reference_statistics(reference_dir, fid_protocol, cache_dir=cache_dir or out_dir,
+        ref = reference_statistics(reference_dir, fid_protocol, feature_module, cache_dir=cache_dir or out_dir,
                                    transform=lambda a: center_crop_resize(a, size), transform_name=f"ccrop{size}")
-        result["fid"] = {"value": compute_fid(out_dir / "images", ref, fid_protocol), **asdict(fid_protocol),
+        result["fid"] = {"value": compute_fid(out_dir / "images", ref, fid_protocol, feature_module),
+                         **asdict(fid_protocol),
                          "reference_dir": str(reference_dir),
                          "library": "clean-fid" if fid_protocol.backend == "cleanfid" else "torchmetrics"}
     if preset.clip:

@@ -1,6 +1,7 @@
 """FID with a switchable backend: clean-fid (modes clean / legacy_tensorflow / legacy_pytorch) or torchmetrics'
-`FrechetInceptionDistance`, on Inception (the standard; its weights must be downloadable or cached) or any offline
-feature module (the digits classifier). Reference statistics (mean, covariance) are computed once and cached."""
+`FrechetInceptionDistance`. The feature network is an argument: the backend's Inception (the standard; its weights
+must be downloadable or cached) when none is given, or any feature module (such as a miniature world's classifier,
+`stepdistill.miniature.classifier.ClassifierFeatures`). Reference statistics are computed once and cached."""
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class FIDProtocol:
     backend: str = "cleanfid"
     mode: str = "clean"  # clean-fid's resize mode; torchmetrics resizes inside its Inception (antialiased bilinear)
-    feature: str = "inception"  # inception | digits | the name of a custom module
+    feature: str = "inception"  # inception, or the name of the feature module passed along (for the records)
     inception_weights: str = ""  # a local Inception weights file (torchmetrics: FID weights .pth)
 
     def __post_init__(self) -> None:
@@ -85,19 +86,18 @@ def inception_extractor(protocol: FIDProtocol) -> nn.Module:
             f"the Inception network of the {protocol.backend} backend could not be loaded ({type(e).__name__}: {e}). "
             "It needs its weights: download them once where there is internet (clean-fid caches "
             "inception-2015-12-05.pt in /tmp; torchmetrics needs torch-fidelity and its FID weights, or "
-            "--inception-weights PATH), or use an offline feature model such as --feature digits") from e
+            "--inception-weights PATH), or use an offline feature model such as --feature digits or --feature "
+            "shapes") from e
 
 
 def feature_model(protocol: FIDProtocol, module: nn.Module | None = None) -> nn.Module:
+    """`module` when given, else the backend's Inception (protocol.feature must then be inception)."""
     if module is not None:
         return module
     if protocol.feature == "inception":
         return inception_extractor(protocol)
-    if protocol.feature == "digits":
-        from stepdistill.metrics.digits import DigitsFeatures
-
-        return DigitsFeatures()
-    raise ValueError(f"unknown FID feature model {protocol.feature!r}: use inception, digits or pass a module")
+    raise ValueError(f"FID feature {protocol.feature!r} needs its feature module passed along (module=...); only "
+                     "inception is built here")
 
 
 # ---------------------------------------------------------------------------------------------- features

@@ -1,0 +1,82 @@
+"""`stepdistill eval`: a miniature preset (digits | shapes: prompt accuracy, FID on the world's classifier
+features vs the teacher's 50-step samples and vs real held-out images) or a COCO preset, on an exported student or
+any diffusers pipeline folder; results and protocol go to metrics.json."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from stepdistill.pipelines import load_exported
+
+MINIATURE_PRESETS = ("digits", "shapes")
+
+
+def evaluate_cli(args: argparse.Namespace) -> dict:
+    from stepdistill.evaluation.miniature import sampling_kwargs
+    from stepdistill.evaluation.sampling_speed import measure_speed
+
+    pipe, recipe = load_exported(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    out = Path(args.out or Path(args.pipeline) / f"eval-{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = sampling_kwargs(recipe)
+    if args.preset in MINIATURE_PRESETS:
+        result = _miniature(pipe, recipe, args, kwargs)
+    else:
+        result = _coco(pipe, recipe, args, out)
+    if args.speed:
+        if args.preset in MINIATURE_PRESETS:
+            from stepdistill.miniature import get_dataset
+
+            prompt = get_dataset(args.preset).prompts[0]
+        else:
+            prompt = "a photo of a cat"
+        result["speed"] = measure_speed(pipe, prompt, result["steps"], result["guidance_scale"],
+                                        batch_size=args.batch_size or 16, **kwargs).as_dict()
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _miniature(pipe, recipe: dict, args: argparse.Namespace, kwargs: dict) -> dict:
+    from stepdistill.evaluation.miniature import EVAL_SEED, evaluate_pipeline, floors, load_reference
+    from stepdistill.miniature import get_dataset
+
+    dataset = get_dataset(args.preset)
+    reference = load_reference(dataset)
+    steps = args.steps or recipe.get("num_inference_steps", 50)
+    guidance = args.guidance if args.guidance is not None else recipe.get("guidance_scale", dataset.guidance)
+    metrics, _ = evaluate_pipeline(pipe, dataset, reference, steps, guidance, args.num_samples or 50,
+                                   EVAL_SEED if args.seed is None else args.seed, **kwargs)
+    return {"preset": dataset.name, "pipeline": str(args.pipeline), **metrics, "floors": floors(reference),
+            "feature_model": f"{dataset.name} classifier, 64 pre-activation features",
+            "real_reference": dataset.real_description, "fid_library": "clean-fid frechet_distance"}
+
+
+def feature_module(name: str):
+    """The FID feature module of a --feature name: None (the backend's Inception) or a miniature classifier."""
+    if name == "inception":
+        return None
+    from stepdistill.miniature import get_dataset
+    from stepdistill.miniature.classifier import ClassifierFeatures
+
+    return ClassifierFeatures(get_dataset(name).classifier_dir)
+
+
+def _coco(pipe, recipe: dict, args: argparse.Namespace, out: Path) -> dict:
+    from stepdistill.evaluation.clip import DEFAULT_CLIP
+    from stepdistill.evaluation.coco import get_preset, run_coco_eval
+    from stepdistill.evaluation.fid import FIDProtocol
+
+    if not args.captions:
+        raise ValueError(f"preset {args.preset} needs --captions (e.g. annotations/captions_val2014.json)")
+    preset = get_preset(args.preset, num_samples=args.num_samples, eval_resolution=args.resolution, seed=args.seed,
+                        steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size)
+    protocol = FIDProtocol(args.fid_backend, args.fid_mode, args.feature, args.inception_weights)
+    if args.reference and not preset.fid:
+        preset.fid = True
+    if args.clip_model and not preset.clip:
+        preset.clip = True
+    return run_coco_eval(pipe, preset, args.captions, out, args.reference, args.clip_model or DEFAULT_CLIP,
+                         protocol, recipe, pipeline_path=str(args.pipeline),
+                         feature_module=feature_module(args.feature) if preset.fid else None)

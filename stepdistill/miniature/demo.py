@@ -1,0 +1,107 @@
+"""`stepdistill demo`: distill a shipped miniature teacher (digits by default, or shapes) into a one-step
+student with DMD2, export it as a diffusers pipeline folder, and write the sample grid and the metrics table
+(teacher 50-step, teacher 1-step, student 1-step: classifier FID, prompt accuracy, images/s)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from stepdistill.pipelines import load_exported
+from stepdistill.evaluation.miniature import (
+    EVAL_SEED,
+    evaluate_pipeline,
+    evaluate_student,
+    floors,
+    load_reference,
+    sampling_kwargs,
+)
+from stepdistill.miniature import MiniatureDataset, get_dataset
+from stepdistill.miniature.dataset import ASSETS, sample_pipeline
+from stepdistill.miniature.teacher import load_teacher
+
+DEMO_CONFIG = ASSETS / "configs" / "demo.yaml"
+EVAL_PER_CLASS = 50
+
+
+def asset_overrides(teacher: str | MiniatureDataset = "digits") -> list[str]:
+    """The shipped teacher and its prompts as absolute paths, so the demo runs from any working directory."""
+    dataset = get_dataset(teacher)
+    return [f"teacher.path={dataset.teacher_dir}", f"data.prompts_file={dataset.prompts_file}"]
+
+
+def run_distillation(config: str | Path, overrides: list[str], teacher: str | MiniatureDataset = "digits"):
+    from stepdistill.config import load_config
+    from stepdistill.training import Trainer
+
+    cfg = load_config(config, asset_overrides(teacher) + list(overrides))
+    result = Trainer(cfg).train()
+    return cfg, result
+
+
+def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str] | None = None,
+                   real: str = "real test digits") -> str:
+    """The metrics table of the demo and the benchmark; `extra_columns` maps a header to a metrics key."""
+    extra = extra_columns or {}
+    lines = [f"| model | steps | CFG | prompt accuracy | FID vs teacher 50-step | FID vs {real} | images/s |"
+             + "".join(f" {header} |" for header in extra),
+             "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | {m['steps']} | {m['guidance_scale']:g} | {m['prompt_accuracy']:.3f} | "
+                     f"{m['fid_vs_teacher50']:.2f} | {m['fid_vs_real']:.2f} | {m['images_per_s']:.1f} |"
+                     + "".join(f" {m.get(key, '')} |" for key in extra.values()))
+    lines.append(f"| floors | | | | {float(reference['teacher_floor']):.2f} (teacher vs teacher, other seeds) | "
+                 f"{float(reference['real_floor']):.2f} (real train vs real test) | |" + " |" * len(extra))
+    return "\n".join(lines)
+
+
+def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_class: int = EVAL_PER_CLASS,
+             teacher: str | MiniatureDataset = "digits") -> dict:
+    from stepdistill.visualize import image_grid
+
+    dataset = get_dataset(teacher)
+    start = time.perf_counter()
+    cfg, result = run_distillation(config, overrides, dataset)
+    if result.interrupted:
+        raise RuntimeError(f"interrupted at step {result.step}; continue with train.resume=latest")
+    train_seconds = time.perf_counter() - start
+    out = Path(cfg.train.output_dir)
+    print(f"stepdistill demo: evaluating the {dataset.name} teacher (50 and 1 steps) and student (1 step)", flush=True)
+    teacher_pipe = load_teacher(dataset, cfg.teacher.path)
+    reference = load_reference(dataset, cfg.teacher.path)  # computed once, then cached in the teacher's folder
+    # the teacher's 50-step row: accuracy and FIDs of its cached second reference set (other seeds, the floor),
+    # speed and grid images from a small batch (50 steps on the CPU are the slow part this demo avoids)
+    m50, im50 = evaluate_pipeline(teacher_pipe, dataset, reference, 50, dataset.guidance, 2, EVAL_SEED)
+    m50.update(num_samples=int(reference["num_samples"]), prompt_accuracy=float(reference["teacher_accuracy"]),
+               fid_vs_teacher50=float(reference["teacher_floor"]), fid_vs_real=float(reference["teacher_vs_real"]))
+    m1, im1 = evaluate_pipeline(teacher_pipe, dataset, reference, 1, dataset.guidance, per_class, EVAL_SEED)
+    student = evaluate_student(result.final_dir, dataset, per_class, EVAL_SEED, teacher_dir=cfg.teacher.path)
+    metrics = {"teacher 50-step DDIM": m50, "teacher 1-step DDIM": m1,
+               "student 1-step (DMD2)": {k: v for k, v in student.items() if k not in ("teacher", "pipeline", "floors")}}
+    grid_labels = dataset.balanced_labels(2)
+    student_pipe, recipe = load_exported(result.final_dir)
+    student_images = sample_pipeline(student_pipe, dataset, grid_labels, recipe["num_inference_steps"],
+                                     recipe["guidance_scale"], EVAL_SEED, **sampling_kwargs(recipe))
+    grid = torch.cat([im50[:len(grid_labels)], im1[:len(grid_labels)], student_images])
+    image_grid(grid, out / "samples.png", columns=len(grid_labels))
+    table = markdown_table(metrics, reference, real=f"real test {dataset.name}")
+    summary = {"teacher": dataset.name, "output_dir": str(out), "export": str(result.final_dir),
+               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - start, 1),
+               "metrics": metrics, "floors": floors(reference),
+               "protocol": {"feature_model": f"{dataset.name} classifier (64 pre-activation features)",
+                            "fid_reference": f"teacher 50-step DDIM CFG {dataset.guidance:g}, "
+                                             f"{int(reference['num_samples'])} samples, seed {int(reference['seed'])}",
+                            "real_reference": dataset.real_description,
+                            "samples_per_row": {n: m["num_samples"] for n, m in metrics.items()},
+                            "teacher_50_step_row": "accuracy and FIDs of the cached second teacher set (seed + 1); "
+                                                   f"images/s from {2 * dataset.num_classes} images",
+                            "prompts": f"'{dataset.prompts[0]}' and the like, balanced over the "
+                                       f"{dataset.num_classes} classes",
+                            "seed": EVAL_SEED, "images_per_s": "one batch of all the row's samples, wall time"}}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "metrics.md").write_text(table + "\n")
+    print(table, flush=True)
+    return summary
+
