@@ -57,6 +57,10 @@ METHODS: dict[str, dict] = {
     "VSD (SwiftBrush)": preset_objective("vsd_digits"),
     "VSD + PG-SB random guidance (SNOOPI)": preset_objective("snoopi_digits"),
     "SiD (LSG guidance)": preset_objective("sid_digits"),
+    # multi-stage methods: a shipped recipe with its own steps, and the stages (and sampling steps) to evaluate
+    "reflow (InstaFlow: 2-RF, then distilled)": {"recipe": "reflow_digits",
+                                                 "rows": {"rf2": (1, 2, 4), "distill": (1,)}},
+    "SlimFlow (half-size UNet)": {"recipe": "slimflow_digits", "rows": {"anneal": (1,), "fgd": (1,)}},
 }
 # Student settings a method needs beyond the demo's: BOOT's student reads pure noise and samples at t = 0.
 METHOD_STUDENTS: dict[str, dict] = {"BOOT (data-free, signal ODE)": {"timesteps": [0], "prediction_type": "sample"}}
@@ -153,6 +157,34 @@ def run_recipe_method(name: str, out: Path, real: Path, updates: int) -> tuple[P
     return Path(stages[-1]["export"]), sum(stage.get("steps", 0) for stage in stages)
 
 
+def run_preset_recipe(name: str, out: Path, reference: dict, per_digit: int) -> dict[str, dict]:
+    """Run a recipe method's preset on the shipped teacher and evaluate its listed stages at their step counts; the
+    last row carries the whole recipe's training time and steps."""
+    from stepdistill.config import load_config_tree
+    from stepdistill.evaluation.miniature import sampling_kwargs
+    from stepdistill.miniature.demo import asset_overrides
+    from stepdistill.pipelines import load_exported
+    from stepdistill.recipes import run_recipe
+
+    method = METHODS[name]
+    folder = out / slug(name)
+    tree = load_config_tree(method["recipe"], [*asset_overrides(), f"train.output_dir={folder}", "train.seed=0"])
+    start = time.perf_counter()
+    results = run_recipe(tree)
+    seconds = time.perf_counter() - start
+    rows = {}
+    for stage, step_counts in method["rows"].items():
+        pipe, recipe = load_exported(folder / stage / "final")
+        pipe.set_progress_bar_config(disable=True)
+        for steps in step_counts:
+            row = f"{name}: {stage}" + (f", {steps} Euler steps" if recipe["sampling"]["any_num_steps"] else "")
+            rows[row], _ = evaluate_pipeline(pipe, DIGITS, reference, steps, recipe["guidance_scale"], per_digit,
+                                             EVAL_SEED, **sampling_kwargs(recipe))
+            print(row, json.dumps(rows[row]), flush=True)
+    rows[row].update(train_seconds=round(seconds, 1), train_steps=sum(r["steps"] for r in results))
+    return rows
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
 
@@ -187,6 +219,9 @@ def main() -> None:
                                                                   args.per_digit, EVAL_SEED)
     real = real_images(out / "real_digits")
     for name in args.methods:
+        if "recipe" in METHODS.get(name, {}):
+            rows.update(run_preset_recipe(name, out, reference, args.per_digit))
+            continue
         run_start, cpu_start = time.perf_counter(), time.process_time()
         if name in RECIPES:
             final_dir, train_steps = run_recipe_method(name, out, real, args.generator_steps)

@@ -170,6 +170,16 @@ class NoiseSchedule:
             return (a * eps - s * x0).to(x0.dtype)
         raise ValueError(f"prediction_type {kind!r} is not one of {PREDICTION_TYPES}")
 
+    def to_flow(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The rectified-flow coordinates of a state of this schedule: z = x_t / (alpha_t + sigma_t) at flow time
+        s = sigma_t / (alpha_t + sigma_t), so that z = (1 - s) x0 + s eps (InstaFlow's change of variables; a DDIM
+        step of this schedule is an Euler step of z with velocity eps_hat - x0_hat). Identity for flow schedules.
+        Returns (z in fp32, s in float64 [B])."""
+        t = torch.as_tensor(t, device=x_t.device)
+        alpha, sigma = self.alpha_sigma(t.expand(x_t.shape[0]) if t.ndim == 0 else t)
+        z = x_t.to(torch.float64) / _bcast(alpha + sigma, x_t)
+        return z.to(torch.float32), sigma / (alpha + sigma)
+
     # ---------------------------------------------------------------- solver
     def ddim_step(self, x0: Tensor, eps: Tensor, t_prev: Tensor | None) -> Tensor:
         """Deterministic DDIM step (= Euler for flow): x_s = alpha_s x0 + sigma_s eps; t_prev=None gives x0."""

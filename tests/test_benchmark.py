@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from stepdistill.config import load_config
+from stepdistill.config import load_config, load_config_tree
 from stepdistill.miniature.demo import asset_overrides, markdown_table
+from stepdistill.recipes import plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +23,10 @@ def bench():
 def test_every_method_config_loads_with_its_own_objective(bench, tmp_path):
     names = set()
     for method in bench.METHODS:
+        if "recipe" in bench.METHODS[method]:  # a shipped recipe: its stages are valid and the rows name them
+            stages = plan_stages(load_config_tree(bench.METHODS[method]["recipe"], asset_overrides()))
+            assert set(bench.METHODS[method]["rows"]) <= {s.name for s in stages}
+            continue
         cfg = load_config(bench.method_config(method, tmp_path, tmp_path / "real_digits"), asset_overrides())
         names.add(cfg.objective.name)
         # the shared budget; BOOT's student samples at the signal ODE's clean end t = 0

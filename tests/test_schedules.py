@@ -148,3 +148,25 @@ def test_half_log_snr_matches_dpm_solver_and_closed_forms():
     t = torch.tensor([0.0, 100.0, 500.0, 1000.0], dtype=torch.float64)
     s = t / 1000
     torch.testing.assert_close(flow.half_log_snr(t), ((1 - s) / s).log())  # +inf at clean data, -inf at noise
+
+
+def test_to_flow_maps_a_vp_state_onto_the_straight_interpolation_and_ddim_onto_euler():
+    """Closed form (InstaFlow's change of variables): x_t = alpha x0 + sigma eps becomes z = (1 - s) x0 + s eps with
+    s = sigma / (alpha + sigma), and a DDIM step t -> t' of the VP model is the Euler step z' = z + (s' - s) u with
+    velocity u = eps_hat - x0_hat. Flow schedules are left as they are."""
+    vp = NoiseSchedule.vp()
+    x0, eps = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    t, t_next = torch.tensor([999, 700, 300, 20]), torch.tensor([800, 500, 100, 0])
+    z, s = vp.to_flow(vp.add_noise(x0, eps, t), t)
+    torch.testing.assert_close(z.double(), (1 - s[:, None]) * x0 + s[:, None] * eps, atol=1e-6, rtol=1e-6)
+    out = fake_model(vp.add_noise(x0, eps, t).float(), 500)  # any eps-prediction
+    x_t = vp.add_noise(x0, eps, t).float()
+    x0_hat, eps_hat = vp.to_x0_eps(out, x_t, t)
+    z_next, s_next = vp.to_flow(vp.step(out, x_t, t, t_next), t_next)
+    euler = z + (s_next - s)[:, None].float() * (eps_hat - x0_hat)
+    torch.testing.assert_close(z_next, euler, atol=1e-5, rtol=1e-5)
+    flow = NoiseSchedule.flow(3.0)
+    tf = torch.tensor([1000.0, 640.0, 210.0, 3.0])
+    zf, sf = flow.to_flow(x_t, tf)
+    torch.testing.assert_close(zf, x_t)
+    torch.testing.assert_close(sf, tf.double() / 1000)

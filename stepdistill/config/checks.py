@@ -15,11 +15,19 @@ TRUSTED_LIBRARIES = {"diffusers", "transformers", None}
 
 def check_teacher_source(cfg: TeacherConfig) -> None:
     """Fail fast on a teacher that cannot load: no path, a missing folder, a folder that is not a diffusers
-    pipeline, custom code without trust_remote_code, or a hub id that is not cached while offline."""
+    pipeline (or, for kind mlp, not an exported MLP student), custom code without trust_remote_code, or a hub id
+    that is not cached while offline."""
     if cfg.kind == "gmm":
         if cfg.path:
             raise ConfigError("teacher.path is set but teacher.kind is gmm: set teacher.kind to "
-                              "sd/sdxl/pixart/sd3/auto, or clear teacher.path")
+                              "sd/sdxl/pixart/sd3/auto (a pipeline) or mlp (an exported MLP student), or clear "
+                              "teacher.path")
+        return
+    if cfg.kind == "mlp":
+        if not (Path(cfg.path).expanduser() / "student.json").is_file():
+            raise ConfigError(f"teacher.path {cfg.path or '(empty)'} is not an exported MLP student (no student.json) "
+                              "for teacher.kind=mlp: give the final/ folder of a run on the analytic teacher, e.g. "
+                              "${stages.NAME.final} in a recipe")
         return
     if not cfg.path:
         raise ConfigError(f"teacher.path is empty for teacher.kind={cfg.kind}: give a local diffusers pipeline "

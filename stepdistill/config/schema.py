@@ -11,13 +11,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    kind: str = "gmm"  # gmm | sd | sdxl | pixart | sd3 | auto (detect from the pipeline folder)
-    path: str = ""  # hub id or local diffusers pipeline folder (not for gmm)
+    # gmm | sd | sdxl | pixart | sd3 | auto (detect from the pipeline folder) | mlp (an exported multistep MLP
+    # student of ours over the GMM below, e.g. a reflow round's k-rectified flow)
+    kind: str = "gmm"
+    path: str = ""  # hub id or local diffusers pipeline folder; kind mlp: the export folder (not for gmm)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     local_files_only: bool = False
     revision: str = ""
     variant: str = ""
-    # analytic teacher (kind: gmm)
+    # analytic teacher (kind: gmm; kind mlp: the true data its metrics compare with)
     num_modes: int = 8
     radius: float = 1.0
     std: float = 0.1
@@ -32,7 +34,7 @@ class TeacherConfig:
     # only for a separate teacher copy (not a shared-base critic or consistency's teacher_net=lora_base)
     offload: bool = False
 
-    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "auto"), "dtype": ("auto", "fp32", "bf16", "fp16"),
+    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "auto", "mlp"), "dtype": ("auto", "fp32", "bf16", "fp16"),
                "schedule": ("vp", "flow")}
     RANGES = {"num_modes": ">=1", "radius": ">0", "std": ">0", "num_classes": ">=0", "flow_shift": ">0",
               "backbone_hidden": ">=1", "backbone_depth": ">=1"}

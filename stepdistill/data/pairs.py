@@ -49,13 +49,16 @@ def generate_pairs(teacher: Teacher, source: ConditionSource, cfg, output_dir: s
     those timesteps and the states x_t at each of them are cached too ("states", [n, len(state_timesteps), ...]).
 
     An existing cache made with the same teacher, conditions and settings is reused; an interrupted run leaves
-    nothing half-written."""
+    nothing half-written. meta.json records the key and the settings (teacher, sampler, steps, CFG, seed)."""
     directory = pair_dir(cfg, output_dir)
     settings = {"teacher": teacher.identity or type(teacher).__name__, "steps": cfg.steps,
                 "guidance": cfg.guidance, "seed": cfg.seed, "conditions": source.identity(),
                 "shape": list(teacher.sample_shape), "states": state_timesteps}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    meta = {"key": key, "num_pairs": cfg.num}
+    # how the pairs were made, readable in meta.json (the conditions by count: a prompt list may be long)
+    recipe = {**{k: v for k, v in settings.items() if k != "conditions"}, "num_conditions": len(source),
+              "sampler": "DDIM (trailing)" if teacher.schedule.kind == "vp" else "flow Euler"}
+    meta = {"key": key, "num_pairs": cfg.num, "recipe": recipe}
     if (directory / "meta.json").is_file() and json.loads((directory / "meta.json").read_text()) == meta:
         return directory
     g = torch.Generator().manual_seed(cfg.seed)

@@ -151,6 +151,9 @@ def write_model_card(folder: Path, example_prompt: str | None = None, training: 
                          guidance_scale=recipe["guidance_scale"], scheduler=recipe["scheduler"],
                          student_timesteps=recipe["student_timesteps"], example_prompt=prompt,
                          **({"training": training} if training else {}), **extra)
+    setup = ""
+    if recipe["scheduler"].startswith("FlowMatch"):  # SD/SDXL/PixArt pipelines read it; FlowMatch schedulers lack it
+        setup = "pipe.scheduler.init_noise_sigma = 1.0  # needed by pipelines written for VP schedulers\n"
     lora = ""
     if recipe["lora"]:
         lora = (f"\nThe student's LoRA (relative to the teacher's weights) is also in `{recipe['lora']}/`: on the "
@@ -169,7 +172,7 @@ and a `{recipe['scheduler']}` that reproduces the student's sampling timesteps {
 ```python
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("<this folder>")
-image = pipe({prompt!r}, {args}).images[0]
+{setup}image = pipe({prompt!r}, {args}).images[0]
 ```
 
 Pass these arguments: the pipeline's defaults (50 steps, guidance 7.5) are the teacher's, not the student's,

@@ -170,11 +170,16 @@ def run_recipe(tree: dict, overwrite: bool = False, only: list[str] | None = Non
     separate launches, e.g. one per GPU group, can then train the stages of a fan-out side by side."""
     from accelerate import PartialState
 
+    from stepdistill.objectives import objective_class
     from stepdistill.training import Trainer
 
     stages = plan_stages(tree)
     by_name = {s.name: s for s in stages}
     selected = _selected(stages, only)
+    for stage in stages:  # every stage's refusals before the first one trains (e.g. a last stage's LPIPS weights)
+        if stage.name in selected and not stage.routes:
+            cfg = stage_config(stage, by_name)
+            objective_class(cfg.objective.name).preflight(cfg)
     results = []
     for stage in stages:
         if stage.name not in selected:

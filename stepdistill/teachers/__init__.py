@@ -1,4 +1,5 @@
-"""Teachers behind one adapter: the analytic GMM teacher and diffusers pipelines (SD1.x/2.x, SDXL, PixArt, SD3)."""
+"""Teachers behind one adapter: the analytic GMM teacher, diffusers pipelines (SD1.x/2.x, SDXL, PixArt, SD3) and
+exported MLP students of ours (trained.py)."""
 from __future__ import annotations
 
 import torch
@@ -10,10 +11,15 @@ from stepdistill.teachers.gmm import GaussianMixture, GMMTeacher
 
 def load_teacher(cfg, device: torch.device | str = "cpu") -> Teacher:
     """Build the teacher a TeacherConfig describes, on `device`."""
-    if cfg.kind == "gmm":
-        if cfg.path:
-            raise ValueError("teacher.path is set but teacher.kind is gmm: set teacher.kind to sd/sdxl/pixart/sd3/auto")
+    if cfg.kind in ("gmm", "mlp"):
+        if cfg.kind == "gmm" and cfg.path:
+            raise ValueError("teacher.path is set but teacher.kind is gmm: set teacher.kind to sd/sdxl/pixart/sd3/auto "
+                             "or mlp")
         mixture = GaussianMixture.ring(cfg.num_modes, cfg.radius, cfg.std, cfg.num_classes, cfg.own_weight)
+        if cfg.kind == "mlp":
+            from stepdistill.teachers.trained import TrainedMLPTeacher
+
+            return TrainedMLPTeacher(cfg.path, mixture, device)
         schedule = NoiseSchedule.vp() if cfg.schedule == "vp" else NoiseSchedule.flow(cfg.flow_shift)
         return GMMTeacher(mixture, schedule, cfg.backbone_hidden, cfg.backbone_depth)
     from stepdistill.teachers.diffusers_teacher import load_diffusers_teacher
