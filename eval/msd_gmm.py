@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from gmm_harness import build, optimize
-
 from stepdistill.config import PartitionConfig
 from stepdistill.data.partition import ClassRanges, restrict_to_part
 from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.pipelines.routed import RoutedGenerator
+from stepdistill.training.lean import build, optimize
 
 CONFIG = "msd_gmm"  # the preset
 GUIDANCE = 3.0

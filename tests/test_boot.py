@@ -1,7 +1,7 @@
 """BOOT (data-free bootstrapping on the signal ODE) on the analytic GMM teacher.
 
 The algorithm's pieces against the teacher's own DDIM and the loss against its formulas; acceptance runs train
-through the objective's own phases (tests/gmm_harness.py) with the preset's steps, batch and LR schedule.
+through the objective's own phases (stepdistill/training/lean.py) with the preset's steps, batch and LR schedule.
 
 Measured (ring of 8, std 0.1, SD's schedule, MLP 128x3 predicting the signal, 3000 steps, batch 256, lr 1e-3
 cosine, Delta 20; 4096 one-step samples at seed 0; the teacher's 1-step DDIM is SW2 0.683):
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gmm_harness import build, optimize
 
 from stepdistill.config import ConfigError, load_config
-from stepdistill.export import export_student, load_mlp_student
 from stepdistill.evaluation.distribution import evaluate_generator
+from stepdistill.export import export_student, load_mlp_student
 from stepdistill.objectives.boot import Boot
 from stepdistill.students.signal import SignalGenerator
+from stepdistill.training.lean import build, optimize
 
 CONFIG = Path(__file__).parents[1] / "configs" / "boot_gmm.yaml"
 N = 4096

@@ -1,6 +1,6 @@
 """Consistency distillation (LCM, MCD segments, stages) on the analytic GMM teacher.
 
-The acceptance runs train through the objective's own phases (tests/gmm_harness.py) with the preset's steps,
+The acceptance runs train through the objective's own phases (stepdistill/training/lean.py) with the preset's steps,
 batch and LR schedule; the rest checks the algorithm's pieces against diffusers and short training runs.
 Measured at 6000 steps, 4096 samples (seed 0; seed 1 in brackets):
   LCM        1-step SW2 0.055 [0.057], ED 0.0029 [0.0032], precision 0.84 [0.84]; 4-step SW2 0.044 [0.041], ED 0.0019
@@ -21,11 +21,10 @@ from diffusers import LCMScheduler
 from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
     LatentConsistencyModelPipeline,
 )
-from gmm_harness import build, optimize
 
 from stepdistill.config import load_config, load_config_tree
-from stepdistill.export import load_mlp_student
 from stepdistill.evaluation.distribution import evaluate_generator
+from stepdistill.export import load_mlp_student
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.consistency import (
     Consistency,
@@ -40,6 +39,7 @@ from stepdistill.schedules import NoiseSchedule, _bcast
 from stepdistill.students import Generator, OdeGenerator, RenoiseGenerator
 from stepdistill.students.lora import adapters_off, add_lora
 from stepdistill.training import Trainer
+from stepdistill.training.lean import build, optimize
 
 CONFIG = Path(__file__).parents[1] / "configs" / "consistency_gmm.yaml"
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmm_harness import build, optimize
 from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
+from stepdistill.training.lean import build, optimize
 
 CONFIG = "configs/dmd2_gmm.yaml"
 STEPS, BATCH = 4000, 128  # the preset: 2000 generator updates at critic_updates=2

@@ -7,7 +7,6 @@ from itertools import chain
 
 import pytest
 import torch
-from gmm_harness import optimize
 
 from stepdistill.config import StudentConfig, load_config
 from stepdistill.data import ConditionSource
@@ -19,6 +18,7 @@ from stepdistill.perf.memory import build_meta_objective, estimate, storage_byte
 from stepdistill.students import build_student
 from stepdistill.teachers.gmm import GaussianMixture, GMMTeacher
 from stepdistill.training import Trainer
+from stepdistill.training.lean import optimize
 
 torch.set_num_threads(1)
 HIDDEN = 32

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gmm_harness import build
 
 from stepdistill.config import ConfigError, PartitionConfig, TeacherConfig, load_config
 from stepdistill.data import ConditionSource, PairDataset, pair_dir
@@ -19,6 +18,7 @@ from stepdistill.teachers import GaussianMixture, GMMTeacher, load_teacher
 from stepdistill.teachers.base import Cond
 from stepdistill.teachers.tiny import save_tiny_pipeline
 from stepdistill.training import Trainer
+from stepdistill.training.lean import build
 
 PROMPTS = [f"a photo of a {thing}" for thing in ("cat", "dog", "horse", "bird", "car", "boat", "tree", "house",
                                                   "lake", "city", "bowl of fruit", "mountain")]

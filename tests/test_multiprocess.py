@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from reliability_utils import tiny_tree
 from safetensors.torch import load_file
 
-from reliability_utils import tiny_tree
 from stepdistill.config import config_from_dict
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.base import get_module

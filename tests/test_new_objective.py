@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-
 from reliability_utils import assert_same, checkpoint_state
+
 from stepdistill.cli import main
 from stepdistill.objectives import REGISTRY, register
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup

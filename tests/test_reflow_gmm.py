@@ -1,6 +1,6 @@
 """Rectified flow on the analytic teacher (ring of 8 Gaussians, std 0.1, SD's scaled_linear schedule, MLP students),
 each stage of the shipped recipes (reflow_gmm, slimflow_gmm) trained with its preset's steps through the objective's
-own loss (tests/gmm_harness.py), exported, and handed to the next stage as its teacher; 4096 samples per metric.
+own loss (stepdistill/training/lean.py), exported, and handed to the next stage as its teacher; 4096 samples per metric.
 
 Measured numbers are in each test's docstring (seed 0 unless noted; SW2 / energy distance of 4096 true samples
 against the same reference, 5 sample seeds: 0.034-0.046 / 0.0007-0.0013, the floor of these metrics)."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gmm_harness import build, optimize
 
 from stepdistill.config import load_config_tree
 from stepdistill.evaluation.distribution import evaluate_generator
@@ -17,6 +16,7 @@ from stepdistill.objectives import build_objective
 from stepdistill.objectives.rectified_flow import Reflow
 from stepdistill.recipes import plan_stages
 from stepdistill.recipes.runner import stage_config
+from stepdistill.training.lean import build, optimize
 
 REFLOW, SLIMFLOW = "configs/reflow_gmm.yaml", "configs/slimflow_gmm.yaml"
 TWO_RF_ONE_STEP_SW2 = 0.12  # the issue's bound for the 2-RF sampled with one Euler step

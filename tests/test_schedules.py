@@ -1,8 +1,13 @@
 """The schedule module against diffusers' own schedulers, step by step."""
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       LCMScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+)
 
 from stepdistill.schedules import NoiseSchedule
 

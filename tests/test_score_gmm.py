@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gmm_harness import build, optimize
 
 from stepdistill.evaluation.distribution import evaluate_generator
 from stepdistill.objectives.score_distillation.gradients import surrogate_loss
 from stepdistill.objectives.score_distillation.sid import SiD
 from stepdistill.objectives.score_distillation.vsd import VSD
+from stepdistill.training.lean import build, optimize
 
 CONFIGS = {VSD: "configs/vsd_gmm.yaml", SiD: "configs/sid_gmm.yaml"}
 STEPS = {VSD: 2000, SiD: 4000}  # the presets: 2000 generator updates (SiD: at critic_updates=2, as DMD2)

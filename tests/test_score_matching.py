@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gmm_harness import optimize
 
 from stepdistill.config import load_config
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.score_matching import ScoreMatching
 from stepdistill.students.build import build_smaller_backbone
 from stepdistill.teachers.tiny import save_tiny_pipeline
+from stepdistill.training.lean import optimize
 
 GMM = ["teacher.num_classes=8", "teacher.backbone_hidden=128", "student.prediction_type=sample",
        "objective.name=score_matching", "objective.lr=1e-3", "objective.pairs.num=4096", "objective.pairs.steps=50",

@@ -1,5 +1,5 @@
-"""A lean optimization loop for the analytic-teacher acceptance tests: the objective's own phases, losses and
-optimizer groups, without the trainer's I/O (the trainer itself is tested end to end elsewhere). Thousands of
+"""A lean optimization loop for the analytic-teacher benches and acceptance tests: the objective's own phases,
+losses and optimizer groups, without the trainer's I/O (checkpoints, logs, previews, accelerate). Thousands of
 steps of a tiny MLP then take seconds on one thread."""
 from __future__ import annotations
 
