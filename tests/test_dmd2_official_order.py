@@ -1,6 +1,6 @@
 """DMD2 where it used to differ from the official code (tianweiy/DMD2 `train_sd.py`, `sd_guidance.py`): the GAN's
 real branch with each real sample's own caption and its own diffusion-GAN timesteps, the critic trained on the
-generator's pre-update sample, learning-rate schedules and the generator EMA per iteration, and the DM forwards in
+generator's pre-update sample (objective.critic_sample=reuse), learning-rate schedules and the generator EMA per iteration, and the DM forwards in
 full precision under mixed precision. Each test would fail on the old behaviour."""
 import json
 
@@ -119,8 +119,15 @@ def test_real_and_fake_gan_samples_get_their_own_timesteps():
 
 def test_critic_trains_on_the_generator_sample_drawn_before_the_generator_update():
     """Official `train_one_step`: the guidance (critic) turn reuses the generator turn's images, made before the
-    generator's optimizer step; on critic-only steps it samples the generator without gradient."""
-    obj = gmm_objective(["objective.critic_updates=2"])
+    generator's optimizer step (objective.critic_sample=reuse); on critic-only steps it samples the generator without
+    gradient. With the default critic_sample=fresh the critic turn samples the updated generator."""
+    fresh = gmm_objective(["objective.critic_updates=2"])
+    batch = {"cond_index": torch.zeros(16, dtype=torch.long)}
+    made = record_calls(fresh.generator, "forward")
+    fresh.loss("generator", batch, 0)
+    fresh.loss("critic", batch, 0)
+    assert len(made) == 2  # fresh: the critic's own sample
+    obj = gmm_objective(["objective.critic_updates=2", "objective.critic_sample=reuse"])
     batch = {"cond_index": torch.zeros(16, dtype=torch.long)}
     made = record_calls(obj.generator, "forward")
     seen = record_calls(obj, "critic_loss")
