@@ -7,15 +7,13 @@ with L2 then LPIPS on decoded images. Pairs are generated once by the teacher an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from stepdistill.config.schema import ConfigError, PairsConfig
-from stepdistill.data import PairDataset, generate_pairs
-from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, reconstruction_loss
+from stepdistill.objectives.base import ObjectiveConfig, reconstruction_loss
 from stepdistill.objectives.perceptual import LPIPS_NETS, LPIPSDistance, check_lpips_available, image_distance
+from stepdistill.objectives.teacher_pairs import TeacherPairsObjective
 
 
 @dataclass
@@ -32,7 +30,7 @@ class RegressionConfig(ObjectiveConfig):
     CHOICES = {"loss": ("l2", "pseudo_huber", "lpips"), "lpips_net": LPIPS_NETS}
 
 
-class Regression(Objective):
+class Regression(TeacherPairsObjective):
     name = "regression"
     config_class = RegressionConfig
     config: RegressionConfig
@@ -53,17 +51,6 @@ class Regression(Objective):
     @property
     def reference_guidance(self) -> float:
         return self.config.pairs.guidance
-
-    def optimizer_groups(self) -> list[OptimizerGroup]:
-        c = self.config
-        return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,
-                               max_grad_norm=c.max_grad_norm)]
-
-    def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
-        self._pair_dir = generate_pairs(self.teacher, self.source, self.config.pairs, output_dir, device)
-
-    def dataset(self) -> Dataset:
-        return PairDataset(self._pair_dir)
 
     def loss(self, phase: str, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         cond = self.source.encode(batch["cond_index"]).to(self.device)

@@ -15,16 +15,14 @@ the student), loaded from its export with `teacher.path: ${stages.NAME.final}`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from stepdistill.config.schema import ConfigError, PairsConfig
-from stepdistill.data import PairDataset, generate_pairs
-from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
+from stepdistill.objectives.base import ObjectiveConfig
 from stepdistill.objectives.perceptual import LPIPS_NETS, LPIPSDistance, check_lpips_available, image_distance
+from stepdistill.objectives.teacher_pairs import TeacherPairsObjective
 
 
 @dataclass
@@ -48,7 +46,7 @@ class FlowGuidedConfig(ObjectiveConfig):
               "s_min": "[0,1]", "s_max": "[0,1]", "teacher_guidance": ">=0"}
 
 
-class FlowGuided(Objective):
+class FlowGuided(TeacherPairsObjective):
     name = "flow_guided"
     config_class = FlowGuidedConfig
     config: FlowGuidedConfig
@@ -73,17 +71,6 @@ class FlowGuided(Objective):
                               f"{self.generator.prediction_type})")
         if self.lpips is not None and not self.teacher.makes_images:
             raise ConfigError("objective.loss=lpips needs a teacher that makes images; set objective.loss=l2")
-
-    def optimizer_groups(self) -> list[OptimizerGroup]:
-        c = self.config
-        return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,
-                               max_grad_norm=c.max_grad_norm)]
-
-    def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
-        self._pair_dir = generate_pairs(self.teacher, self.source, self.config.pairs, output_dir, device)
-
-    def dataset(self) -> Dataset:
-        return PairDataset(self._pair_dir)
 
     def two_step_target(self, z: Tensor, u_student: Tensor, cond, s: Tensor) -> Tensor:
         """x~: the student's Euler step to flow time s, then the k-RF's Euler step to the data (no gradient)."""

@@ -15,15 +15,13 @@ samples with N Euler steps for any N and is the next round's teacher (`teacher.p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from stepdistill.config.schema import ConfigError, PairsConfig
-from stepdistill.data import PairDataset, generate_pairs
-from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
+from stepdistill.objectives.base import ObjectiveConfig
+from stepdistill.objectives.teacher_pairs import TeacherPairsObjective
 from stepdistill.students import student_schedule
 from stepdistill.students.flow import FlowGenerator
 from stepdistill.teachers.base import Cond, Teacher
@@ -72,7 +70,7 @@ def flow_student_schedule(teacher: Teacher, student_cfg):
     return schedule
 
 
-class Reflow(Objective):
+class Reflow(TeacherPairsObjective):
     name = "reflow"
     config_class = ReflowConfig
     config: ReflowConfig
@@ -83,17 +81,6 @@ class Reflow(Objective):
                         ) -> FlowGenerator:
         return FlowGenerator(backbone, teacher, config.sample_steps, flow_student_schedule(teacher, student_cfg),
                              config.sample_guidance)
-
-    def optimizer_groups(self) -> list[OptimizerGroup]:
-        c = self.config
-        return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,
-                               max_grad_norm=c.max_grad_norm)]
-
-    def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
-        self._pair_dir = generate_pairs(self.teacher, self.source, self.config.pairs, output_dir, device)
-
-    def dataset(self) -> Dataset:
-        return PairDataset(self._pair_dir)
 
     # ------------------------------------------------------------------ the loss, in its parts
     def anneal_beta(self, step: int) -> float:
