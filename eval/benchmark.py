@@ -201,47 +201,80 @@ def write_section(markdown: Path, section: str) -> None:
     markdown.write_text(text)
 
 
+def merged_rows(previous: dict, new: dict) -> dict:
+    """`previous` rows (an earlier run's benchmark.json) updated by `new`, teachers first, then the methods in the
+    order of METHODS and RECIPES: a run of a few `--methods` keeps the other rows of the table."""
+    rows = {**previous, **new}
+    order = [name for name in rows if name.startswith("teacher ")] + [*METHODS, *RECIPES]
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(rows.items(), key=lambda item: rank.get(method_of(item[0]), len(rank))))
+
+
+def method_of(row: str) -> str:
+    """The method a table row belongs to: a preset recipe's rows are named "<method>: <stage>..."."""
+    return next((m for m in (*METHODS, *RECIPES) if row == m or row.startswith(m + ": ")), row)
+
+
+def write_report(out: Path, rows: dict, reference: dict, generator_steps: int, seconds: float) -> dict:
+    """<out>/benchmark.json, rewritten after every method so a stopped run keeps the rows it finished."""
+    report = {"rows": rows, "floors": {"fid_teacher_vs_teacher": float(reference["teacher_floor"]),
+                                       "fid_real_vs_real": float(reference["real_floor"])},
+              "generator_steps": generator_steps, "cpu_cores": os.cpu_count(), "total_seconds": round(seconds, 1)}
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--generator-steps", type=int, default=150, help="generator updates per method")
     parser.add_argument("--per-digit", type=int, default=50, help="evaluation samples per digit and row")
     parser.add_argument("--markdown", default="", help="also write the table into this file's digits section")
-    parser.add_argument("--methods", nargs="*", default=[*METHODS, *RECIPES], choices=[*METHODS, *RECIPES])
+    parser.add_argument("--methods", nargs="*", default=[*METHODS, *RECIPES], choices=[*METHODS, *RECIPES],
+                        help="the methods to run; the rows of the others are kept from <out>/benchmark.json")
     args = parser.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    previous_seconds = 0.0
+    previous = {}
+    if (out / "benchmark.json").is_file():
+        earlier = json.loads((out / "benchmark.json").read_text())
+        if earlier["generator_steps"] != args.generator_steps:
+            raise SystemExit(f"{out / 'benchmark.json'} holds rows of {earlier['generator_steps']} generator updates, "
+                             f"not {args.generator_steps}: pass --generator-steps {earlier['generator_steps']} or "
+                             "another --out")
+        previous, previous_seconds = earlier["rows"], earlier["total_seconds"]
+        previous = {name: row for name, row in previous.items() if method_of(name) not in args.methods}
     teacher = load_teacher(DIGITS)
     reference = load_reference(DIGITS)
     rows = {}
     for steps in (1, 4):
         rows[f"teacher {steps}-step DDIM"], _ = evaluate_pipeline(teacher, DIGITS, reference, steps, TEACHER_GUIDANCE,
                                                                   args.per_digit, EVAL_SEED)
+    report = write_report(out, merged_rows(previous, rows), reference, args.generator_steps, previous_seconds)
     real = real_images(out / "real_digits")
     for name in args.methods:
         if "recipe" in METHODS.get(name, {}):
             rows.update(run_preset_recipe(name, out, reference, args.per_digit))
-            continue
-        run_start, cpu_start = time.perf_counter(), time.process_time()
-        if name in RECIPES:
-            final_dir, train_steps = run_recipe_method(name, out, real, args.generator_steps)
         else:
-            # a method that updates its critic several times per generator update gets that many more steps
-            train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))
-            _, result = run_distillation(method_config(name, out, real), [
-                f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
-            final_dir = result.final_dir
-        seconds, cpu_seconds = time.perf_counter() - run_start, time.process_time() - cpu_start
-        rows[name] = evaluate_student(final_dir, DIGITS, args.per_digit, EVAL_SEED)
-        rows[name].update(train_seconds=round(seconds, 1), train_cpu_seconds=round(cpu_seconds, 1),
-                          train_steps=train_steps)
-        print(name, json.dumps(rows[name]), flush=True)
-    report = {"rows": rows, "floors": {"fid_teacher_vs_teacher": float(reference["teacher_floor"]),
-                                       "fid_real_vs_real": float(reference["real_floor"])},
-              "generator_steps": args.generator_steps, "cpu_cores": os.cpu_count(),
-              "total_seconds": round(time.perf_counter() - start, 1)}
-    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
-    table = markdown_table(rows, reference, {"train steps": "train_steps", "train s": "train_seconds"})
+            run_start, cpu_start = time.perf_counter(), time.process_time()
+            if name in RECIPES:
+                final_dir, train_steps = run_recipe_method(name, out, real, args.generator_steps)
+            else:
+                # a method that updates its critic several times per generator update gets that many more steps
+                train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))
+                _, result = run_distillation(method_config(name, out, real), [
+                    f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
+                final_dir = result.final_dir
+            seconds, cpu_seconds = time.perf_counter() - run_start, time.process_time() - cpu_start
+            rows[name] = evaluate_student(final_dir, DIGITS, args.per_digit, EVAL_SEED)
+            rows[name].update(train_seconds=round(seconds, 1), train_cpu_seconds=round(cpu_seconds, 1),
+                              train_steps=train_steps)
+            print(name, json.dumps(rows[name]), flush=True)
+        report = write_report(out, merged_rows(previous, rows), reference, args.generator_steps,
+                              previous_seconds + time.perf_counter() - start)
+    table = markdown_table(report["rows"], reference, {"train steps": "train_steps", "train s": "train_seconds"})
     (out / "benchmark.md").write_text(table + "\n")
     print(table)
     if args.markdown:

@@ -64,3 +64,17 @@ def test_every_recipe_row_plans_valid_stages(bench, tmp_path):
     assert stages["MSD, 5 students (DMD2, same total updates)"] == [f"student-{k}" for k in range(5)] + ["routed"]
     assert stages["half-width student, TSM then DMD2"] == ["tsm", "dmd2"]
     assert stages["half-width student, DMD2 (no TSM)"] == ["dmd2"]
+
+
+def test_a_run_of_some_methods_keeps_the_other_rows_in_method_order(bench):
+    """`--methods` reruns a few rows; the table keeps every other row of <out>/benchmark.json, teachers first, and a
+    preset recipe's stage rows (whose method name itself holds ': ') stay with their method."""
+    reflow = next(m for m in bench.METHODS if "recipe" in bench.METHODS[m] and ": " in m)
+    previous = {"teacher 1-step DDIM": {"fid": 1}, "DMD2 (no GAN)": {"fid": 2}, f"{reflow}: rf2, 1 Euler steps": {"fid": 3},
+                "regression (DMD L_reg / rectified-flow distillation)": {"fid": 4}}
+    kept = {name: row for name, row in previous.items() if bench.method_of(name) != reflow}
+    merged = bench.merged_rows(kept, {"DMD2 (no GAN)": {"fid": 5}, f"{reflow}: distill": {"fid": 6}})
+    assert list(merged) == ["teacher 1-step DDIM", "regression (DMD L_reg / rectified-flow distillation)",
+                            "DMD2 (no GAN)", f"{reflow}: distill"]
+    assert merged["DMD2 (no GAN)"] == {"fid": 5}
+    assert bench.method_of(f"{reflow}: rf2, 1 Euler steps") == reflow
