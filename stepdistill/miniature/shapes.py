@@ -1,6 +1,6 @@
 """The shapes world, drawn here procedurally (no download): one anti-aliased filled shape (circle, square,
 triangle or cross) in one of four colours on a plain dark background, 16x16 RGB, with random position, size,
-rotation, colour jitter and background level; prompts "a red triangle". Colour and shape are separate words of
+a small random rotation, colour jitter and background level; prompts "a red triangle". Colour and shape are separate words of
 the prompt and separate factors of the class, so a student that mixes colours or melts shapes into blobs loses
 prompt accuracy."""
 from __future__ import annotations
@@ -20,6 +20,8 @@ IMAGE_SIZE = 16
 SUPERSAMPLE = 4  # coverage of each pixel from 4x4 sub-pixel samples: the anti-aliasing
 RADIUS = (0.28, 0.44)  # circumradius range, fraction of the side (4.5 to 7 pixels at 16): smaller squares and
 # circles become one blob after the VAE's round trip
+ROTATION = math.radians(20)  # uniform in +-ROTATION: at any angle a 5-pixel square and a circle are one blob to
+# a 1M-parameter UNet on 8x8 latents (a fully rotated variant reached prompt accuracy 0.73 after 1500 steps)
 COLOUR_JITTER = 0.06  # per channel, uniform
 BACKGROUND = (0.0, 0.15)  # grey level range of the plain background
 PER_CLASS = {"train": 300, "test": 50}
@@ -52,7 +54,7 @@ def render(labels: Tensor, generator: torch.Generator, size: int = IMAGE_SIZE) -
     colour, shape = labels // len(SHAPES), labels % len(SHAPES)
     radius = torch.empty(n).uniform_(*RADIUS, generator=generator) * size
     centre = radius[:, None] + torch.rand(n, 2, generator=generator) * (size - 2 * radius[:, None])
-    theta = torch.rand(n, generator=generator) * 2 * math.pi
+    theta = (torch.rand(n, generator=generator) * 2 - 1) * ROTATION
     rgb = torch.tensor(list(COLOURS.values()))[colour]
     rgb = (rgb + (torch.rand(n, 3, generator=generator) * 2 - 1) * COLOUR_JITTER).clamp(0, 1)
     background = torch.empty(n).uniform_(*BACKGROUND, generator=generator)

@@ -18,6 +18,10 @@ from stepdistill.miniature.classifier import load_classifier, save_classifier, t
 from stepdistill.miniature.dataset import MiniatureDataset, sample_pipeline
 
 
+def _print(message: str) -> None:
+    print(message, flush=True)  # progress shows up promptly when stdout is a file or a pipe
+
+
 def build_components(dataset: MiniatureDataset, seed: int = 0) -> dict:
     """Freshly initialized components of the dataset's StableDiffusionPipeline (deterministic in `seed`)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -56,7 +60,7 @@ def make_pipeline(components: dict):
                                    requires_safety_checker=False)
 
 
-def train_vae(vae, images: Tensor, steps: int, seed: int, sample_posterior: bool = True, log=print) -> float:
+def train_vae(vae, images: Tensor, steps: int, seed: int, sample_posterior: bool = True, log=_print) -> float:
     """Fit the autoencoder (L1 + MSE reconstruction, small KL); returns the latent scaling factor 1/std. Decoding
     the posterior mean instead of a sample (`sample_posterior=False`) fits sharp-edged images in fewer steps: the
     encoder's initial variance is large and the 1e-5 KL weight shrinks it slowly."""
@@ -84,7 +88,7 @@ def train_vae(vae, images: Tensor, steps: int, seed: int, sample_posterior: bool
 
 def train_unet(pipe, prompts: tuple[str, ...], latents: Tensor, labels: Tensor, steps: int, seed: int,
                batch_size: int = 64, dropout: float = 0.1, lr: float = 2e-3, min_snr_gamma: float = 5.0,
-               log=print) -> None:
+               log=_print) -> None:
     """Epsilon-prediction DDPM training with prompt dropout (CFG), Min-SNR-gamma loss weights and an EMA of the
     weights copied in at the end. Min-SNR (Hang et al. 2023, arXiv 2303.09556, gamma 5) weights the eps loss by
     min(SNR_t, gamma) / SNR_t. Measured on 2 CPU cores for digits: with it (and lr 2e-3) prompt accuracy 1.0
@@ -130,7 +134,7 @@ def train_unet(pipe, prompts: tuple[str, ...], latents: Tensor, labels: Tensor, 
 def build_teacher(dataset: str | MiniatureDataset, out: str | Path | None = None, seed: int = 0,
                   vae_steps: int | None = None, unet_steps: int | None = None,
                   classifier_dir: str | Path | None = None, device: str = "cpu", eval_per_class: int = 20,
-                  reference_per_class: int = 50, log=print) -> dict:
+                  reference_per_class: int = 50, log=_print) -> dict:
     """Train (or reuse) the classifier, train the VAE and the UNet, save the pipeline folder with its cached FID
     reference and a training.json of the command and the teacher's prompt accuracy; returns that report."""
     from diffusers.utils import logging as dlogging
