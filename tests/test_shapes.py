@@ -1,6 +1,6 @@
 """The shapes world: a deterministic, balanced procedural dataset with a held-out split; its shipped classifier
-reads held-out shapes and misreads melted or colourless ones; `stepdistill teacher shapes` rebuilds a tiny teacher
-bit for bit; the shipped teacher's own 50-step samples score through `evaluate_student` and `stepdistill eval`."""
+reads held-out shapes and misreads melted or colourless ones; `stepdistill teacher digits|shapes` rebuilds a tiny
+teacher bit for bit; the shipped teacher's own 50-step samples score through `evaluate_student` and `stepdistill eval`."""
 import json
 import shutil
 
@@ -62,10 +62,14 @@ def test_shipped_classifier_reads_held_out_shapes_and_misreads_melted_or_grey_on
     assert feats.shape == (64, 64) and (feats < 0).any()  # pre-activation features
 
 
-def test_teacher_command_rebuilds_a_tiny_shapes_teacher_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_teacher_command_rebuilds_a_tiny_teacher_bit_for_bit(tmp_path, name):
+    from diffusers import StableDiffusionPipeline
+
+    dataset = get_dataset(name)
     classifier = tmp_path / "classifier"
-    shutil.copytree(SHAPES.classifier_dir, classifier)  # reused: the command trains one only when missing
-    args = ["teacher", "shapes", "--seed", "3", "--vae-steps", "2", "--unet-steps", "2", "--eval-per-digit", "1",
+    shutil.copytree(dataset.classifier_dir, classifier)  # reused: the command trains one only when missing
+    args = ["teacher", name, "--seed", "3", "--vae-steps", "2", "--unet-steps", "2", "--eval-per-digit", "1",
             "--reference-per-digit", "1", "--device", "cpu", "--classifier-out", str(classifier)]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
@@ -73,14 +77,15 @@ def test_teacher_command_rebuilds_a_tiny_shapes_teacher_bit_for_bit(tmp_path):
                     "text_encoder/model.safetensors"):
         a, b = load_file(str(tmp_path / "a" / weights)), load_file(str(tmp_path / "b" / weights))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ref_a, ref_b = (np.load(tmp_path / d / "shapes_reference.npz") for d in "ab")
+    ref_a, ref_b = (np.load(tmp_path / d / dataset.reference_name) for d in "ab")
     assert all(np.array_equal(ref_a[k], ref_b[k]) for k in ref_a.files)
-    assert int(ref_a["num_samples"]) == 16 and "teacher_shape_accuracy" in ref_a.files
+    assert int(ref_a["num_samples"]) == len(dataset.prompts)
+    assert ("teacher_shape_accuracy" in ref_a.files) == (name == "shapes")
     report = json.loads((tmp_path / "a" / "training.json").read_text())
-    assert report["command"].startswith("stepdistill teacher shapes --seed 3") and report["unet_steps"] == 2
-    assert report["dataset"] == "shapes" and "prompt_accuracy_ddim50_cfg3" in report
-    assert json.loads((tmp_path / "a" / "tokenizer" / "tokenizer_config.json").read_text())[
-        "model_max_length"] == SHAPES.text_max_length
+    assert report["command"].startswith(f"stepdistill teacher {name} --seed 3") and report["unet_steps"] == 2
+    assert report["dataset"] == name and "prompt_accuracy_ddim50_cfg3" in report
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"))
+    assert pipe.tokenizer.model_max_length == dataset.text_max_length
 
 
 def test_shipped_teacher_draws_the_prompted_coloured_shape(tmp_path):
