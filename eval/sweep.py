@@ -45,7 +45,7 @@ def export_folder(base: str, overrides: list[str]) -> Path:
 def timed(command: list[str], log: Path, env: dict) -> dict:
     """Run `command` under /usr/bin/time -v; its output goes to `log`. Wall, CPU (user + sys) seconds, peak RSS."""
     with log.open("w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *command], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(["/usr/bin/time", "-v", *command], check=False, stdout=f, stderr=subprocess.STDOUT, env=env)
     text = log.read_text()
 
     def field(name: str) -> str:
@@ -74,16 +74,16 @@ def run_one(spec: dict, out: Path, cell: str, seed: int) -> dict:
     own = [o.replace("{seed}", str(seed)) for o in own]  # e.g. student.init of the same seed's warm start
     overrides = [*spec.get("set", []), *own, f"train.seed={seed}", f"train.output_dir={run_dir}",
                  "train.overwrite=true", "train.progress=false"]
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)  # logs beside the run folder: train.overwrite moves it aside
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     py = [sys.executable, "-m", "stepdistill.cli"]
     record = {"cell": cell, "seed": seed, "base": base, "overrides": own}
-    record["train"] = timed([*py, "train", "--config", base, *overrides], run_dir / "train.log", env)
+    record["train"] = timed([*py, "train", "--config", base, *overrides], run_dir.with_suffix(".train.log"), env)
     if record["train"]["returncode"] != 0:
         return record
     folder = export_folder(base, overrides)
     record["eval"] = timed([*py, "eval", str(folder), *spec.get("eval", []), "--out", str(run_dir / "eval")],
-                           run_dir / "eval.log", env)
+                           run_dir.with_suffix(".eval.log"), env)
     metrics_file = run_dir / "eval" / "metrics.json"
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
@@ -99,7 +99,7 @@ def summarize(records: list[dict], cells: list[str]) -> str:
         if not rows:
             continue
 
-        def stat(key: str, digits: int) -> str:
+        def stat(key: str, digits: int, rows: list[dict] = rows) -> str:
             values = [r[key] for r in rows]
             each = " / ".join(f"{v:.{digits}f}" for v in values)
             if len(values) == 1:
