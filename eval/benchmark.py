@@ -274,7 +274,8 @@ def main() -> None:
             print(name, json.dumps(rows[name]), flush=True)
         report = write_report(out, merged_rows(previous, rows), reference, args.generator_steps,
                               previous_seconds + time.perf_counter() - start)
-    table = markdown_table(report["rows"], reference, {"train steps": "train_steps", "train s": "train_seconds"})
+    columns = {"train steps": "train_steps", "train s": "train_seconds", "train CPU s": "train_cpu_seconds"}
+    table = markdown_table(report["rows"], reference, columns)
     (out / "benchmark.md").write_text(table + "\n")
     print(table)
     if args.markdown:
