@@ -43,6 +43,12 @@ SCALE = _number(float, 0, inclusive=True)  # guidance scales, standard form
 POSITIVE = _number(float, 0, inclusive=False)
 
 
+# Names the parser offers, spelled here so that `--help` imports no torch; tests/test_shapes.py checks them against
+# stepdistill.miniature.DATASETS and stepdistill.evaluation.coco.PRESETS.
+MINIATURE_WORLDS = ("digits", "shapes")
+COCO_PRESETS = ("coco2014-30k", "coco2017-5k")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="stepdistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"stepdistill {__version__}")
@@ -76,7 +82,7 @@ def build_parser() -> Parser:
     p.add_argument("--lora", choices=["merged", "adapter"], default="merged",
                    help="a LoRA student as a full pipeline with the LoRA merged, or the adapter alone")
     p = command("teacher", "train an offline teacher: stepdistill teacher digits|shapes [--seed 0]")
-    p.add_argument("name", choices=["digits", "shapes"])
+    p.add_argument("name", choices=MINIATURE_WORLDS)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", default=None, help="teacher pipeline folder (default: the shipped asset)")
     p.add_argument("--classifier-out", default=None, help="digit classifier folder (default: the shipped asset)")
@@ -90,7 +96,7 @@ def build_parser() -> Parser:
     p.add_argument("overrides", nargs="*")
     p = command("eval", "evaluate a pipeline folder: digits, shapes, coco2014-30k or coco2017-5k preset")
     p.add_argument("pipeline", help="a diffusers pipeline folder (an exported student or a teacher)")
-    p.add_argument("--preset", default="digits", choices=["digits", "shapes", "coco2014-30k", "coco2017-5k"])
+    p.add_argument("--preset", default="digits", choices=[*MINIATURE_WORLDS, *COCO_PRESETS])
     p.add_argument("--out", default=None, help="output folder (default: runs/eval/<pipeline>-<preset>)")
     p.add_argument("--captions", help="COCO captions file (captions_val2014.json, or one caption per line)")
     p.add_argument("--reference", help="reference image folder for FID (e.g. val2014)")

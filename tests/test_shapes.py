@@ -105,3 +105,10 @@ def test_shipped_teacher_draws_the_prompted_coloured_shape(tmp_path):
     assert result["preset"] == "shapes" and result["steps"] == 1 and result["num_samples"] == 16
     assert result["fid_vs_teacher50"] > metrics["fid_vs_teacher50"]  # one DDIM step is far from 50
 
+
+def test_the_command_line_offers_every_world_and_coco_preset():
+    """The parser spells the names itself (no torch for --help): they must stay those of the registries."""
+    from stepdistill.cli import COCO_PRESETS, MINIATURE_WORLDS
+    from stepdistill.evaluation.coco import PRESETS
+
+    assert set(MINIATURE_WORLDS) == set(DATASETS) and set(COCO_PRESETS) == set(PRESETS)

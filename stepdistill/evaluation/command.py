@@ -7,9 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from stepdistill.miniature import DATASETS
 from stepdistill.pipelines import load_exported
-
-MINIATURE_PRESETS = ("digits", "shapes")
 
 
 def evaluate_cli(args: argparse.Namespace) -> dict:
@@ -21,12 +20,12 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
     out = Path(args.out or Path(args.pipeline) / f"eval-{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
     kwargs = sampling_kwargs(recipe)
-    if args.preset in MINIATURE_PRESETS:
+    if args.preset in DATASETS:
         result = _miniature(pipe, recipe, args, kwargs)
     else:
         result = _coco(pipe, recipe, args, out)
     if args.speed:
-        if args.preset in MINIATURE_PRESETS:
+        if args.preset in DATASETS:
             from stepdistill.miniature import get_dataset
 
             prompt = get_dataset(args.preset).prompts[0]
