@@ -40,7 +40,8 @@ def digits_fid(folder: Path, per_digit: int) -> dict:
     """`stepdistill eval <folder> --preset digits` in its own process; its metrics.json."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "stepdistill.cli", "eval", str(folder), "--preset", "digits",
-                    "--num-samples", str(per_digit), "--out", str(folder / "eval-digits")], check=True, env=env, capture_output=True)
+                    "--num-samples", str(per_digit), "--out", str(folder / "eval-digits")],
+                   check=True, env=env, capture_output=True)
     return json.loads((folder / "eval-digits" / "metrics.json").read_text())
 
 

@@ -45,7 +45,8 @@ def export_folder(base: str, overrides: list[str]) -> Path:
 def timed(command: list[str], log: Path, env: dict) -> dict:
     """Run `command` under /usr/bin/time -v; its output goes to `log`. Wall, CPU (user + sys) seconds, peak RSS."""
     with log.open("w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *command], check=False, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(["/usr/bin/time", "-v", *command], check=False, stdout=f, stderr=subprocess.STDOUT,
+                              env=env)
     text = log.read_text()
 
     def field(name: str) -> str:
@@ -91,6 +92,15 @@ def run_one(spec: dict, out: Path, cell: str, seed: int) -> dict:
     return record
 
 
+def stat(rows: list[dict], key: str, digits: int) -> str:
+    """Mean ± standard deviation over the seeds, then each seed's value."""
+    values = [r[key] for r in rows]
+    each = " / ".join(f"{v:.{digits}f}" for v in values)
+    if len(values) == 1:
+        return each
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({each})"
+
+
 def summarize(records: list[dict], cells: list[str]) -> str:
     lines = ["| cell | overrides | seeds | prompt accuracy | FID vs teacher 50-step | FID vs real | train CPU s |",
              "|---|---|---|---|---|---|---|"]
@@ -98,19 +108,10 @@ def summarize(records: list[dict], cells: list[str]) -> str:
         rows = [r for r in records if r["cell"] == cell and "fid_vs_teacher50" in r]
         if not rows:
             continue
-
-        def stat(key: str, digits: int, rows: list[dict] = rows) -> str:
-            values = [r[key] for r in rows]
-            each = " / ".join(f"{v:.{digits}f}" for v in values)
-            if len(values) == 1:
-                return each
-            spread = statistics.stdev(values)
-            return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f} ({each})"
-
         cpu = statistics.mean(r["train"]["cpu_s"] for r in rows)
         lines.append(f"| {cell} | {' '.join(rows[0]['overrides']) or '(centre)'} | "
-                     f"{','.join(str(r['seed']) for r in rows)} | {stat('prompt_accuracy', 3)} | "
-                     f"{stat('fid_vs_teacher50', 1)} | {stat('fid_vs_real', 1)} | {cpu:.0f} |")
+                     f"{','.join(str(r['seed']) for r in rows)} | {stat(rows, 'prompt_accuracy', 3)} | "
+                     f"{stat(rows, 'fid_vs_teacher50', 1)} | {stat(rows, 'fid_vs_real', 1)} | {cpu:.0f} |")
     return "\n".join(lines)
 
 
