@@ -160,6 +160,21 @@ def test_classifier_head_follows_dmd2_downsampling(shape, expected_layers):
     assert head(torch.randn(2, *shape)).shape == (2, 1)
 
 
+@pytest.mark.parametrize("channels,groups", [(1280, 32), (640, 32), (64, 8), (32, 4)])
+def test_classifier_head_groups_keep_what_the_1x1_map_holds(channels, groups):
+    """The official head's GroupNorm(32, 1280) normalizes 40 channels per group; with 32 groups on the digits
+    teacher's 64-channel bottleneck each group held 2 channels, and a group of 2 on a 1x1 map normalizes to
+    (+1, -1) or (-1, +1): only the sign of a difference survived, the discriminator stayed at chance
+    (loss 2 ln 2 over 800 iterations) and the GAN could not help (docs/DMD2.md). At least 8 channels per group."""
+    head = classifier_head((channels, 4, 4))
+    norms = [m for m in head if isinstance(m, torch.nn.GroupNorm)]
+    assert [m.num_groups for m in norms] == [groups]
+    seen = []
+    norms[-1].register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    head(torch.randn(16, channels, 4, 4))
+    assert seen[0].abs().unique().numel() > 2 * 16  # graded activations, not +-1 per group
+
+
 def test_optional_dmd_regression_term_uses_cached_teacher_pairs(tmp_path):
     """DMD v1's L_reg beside the DM loss: pairs cached once (the regression objective's cache), and the student's
     one-step output from the cached noise is pulled toward the teacher's ODE endpoint."""

@@ -29,10 +29,14 @@ def bottleneck_module(net: nn.Module) -> nn.Module:
 
 def classifier_head(feature_shape: tuple[int, ...]) -> nn.Module:
     """DMD2's discriminator head on bottleneck features of shape [C, H, W], [L, D] or [D]: 4x4 convs with
-    stride 2 + GroupNorm + SiLU down to 4x4, one conv to 1x1, then a 1x1 conv to a logit."""
+    stride 2 + GroupNorm + SiLU down to 4x4, one conv to 1x1, then a 1x1 conv to a logit. GroupNorm keeps the
+    official 32 groups where each holds at least 8 channels (SD's 1280: 40 each) and fewer groups on small
+    bottlenecks: on the 1x1 map a group of 2 channels normalizes to +-1, which left the discriminator blind."""
     if len(feature_shape) == 3:
         c, h, _ = feature_shape
-        groups = math.gcd(32, c)
+        groups = 32
+        while groups > 1 and (c % groups or c // groups < 8):
+            groups //= 2
         layers: list[nn.Module] = []
         while h > 4:
             layers += [nn.Conv2d(c, c, 4, stride=2, padding=1), nn.GroupNorm(groups, c), nn.SiLU()]
