@@ -19,8 +19,8 @@ import yaml
 
 from stepdistill.evaluation.miniature import evaluate_pipeline, evaluate_student, load_reference
 from stepdistill.miniature import get_dataset
+from stepdistill.miniature.dataset import ASSETS
 from stepdistill.miniature.demo import (
-    DEMO_CONFIG,
     EVAL_SEED,
     asset_overrides,
     markdown_table,
@@ -31,7 +31,9 @@ from stepdistill.miniature.teacher import load_teacher
 DIGITS = get_dataset("digits")
 TEACHER_GUIDANCE = DIGITS.guidance
 
-DEMO_OBJECTIVE = yaml.safe_load(DEMO_CONFIG.read_text())["objective"]
+# DMD2 from the teacher's weights (the demo before issue 12): the DMD2 row and the base of every single-stage row
+DMD2_CONFIG = ASSETS / "configs" / "dmd2_digits.yaml"
+DEMO_OBJECTIVE = yaml.safe_load(DMD2_CONFIG.read_text())["objective"]
 PRESETS = Path(__file__).resolve().parents[1] / "stepdistill" / "presets"
 
 
@@ -53,6 +55,8 @@ METHODS: dict[str, dict] = {
     "DMD2 (no GAN)": DEMO_OBJECTIVE,
     "DMD2 + GAN on real digits": {**DEMO_OBJECTIVE, "real_data": "images", "gan_generator_weight": 3e-3,
                                   "gan_critic_weight": 1e-2},
+    # the demo (issue 12): DMD2 §4's one-step warm start, regression on teacher pairs then DMD2 from that student
+    "DMD2 warm start (the demo)": {"recipe": "dmd2_warm_digits", "rows": {"regression": (1,), "dmd2": (1,)}},
     "BOOT (data-free, signal ODE)": {"name": "boot", "lr": 1e-3, "guidance": TEACHER_GUIDANCE, "step_size": 20.0},
     "VSD (SwiftBrush)": preset_objective("vsd_digits"),
     "VSD + PG-SB random guidance (SNOOPI)": preset_objective("snoopi_digits"),
@@ -124,7 +128,7 @@ def real_images(folder: Path) -> Path:
 
 def method_config(name: str, out: Path, real: Path) -> Path:
     """The demo config with this method's objective section, written to <out>/configs/ (it is what ran)."""
-    tree = yaml.safe_load(DEMO_CONFIG.read_text())
+    tree = yaml.safe_load(DMD2_CONFIG.read_text())
     tree["objective"] = dict(METHODS[name])
     tree["student"] = {**tree["student"], **METHOD_STUDENTS.get(name, {})}
     if tree["objective"].get("real_data") == "images":
@@ -139,7 +143,7 @@ def recipe_tree(name: str, out: Path, real: Path, updates: int) -> dict:
     """The demo config with a RECIPES row's sections laid over it; its stages train in <out>/<slug>/."""
     from stepdistill.config import load_config_tree
 
-    tree = load_config_tree(DEMO_CONFIG, asset_overrides() + [f"train.output_dir={out / slug(name)}",
+    tree = load_config_tree(DMD2_CONFIG, asset_overrides() + [f"train.output_dir={out / slug(name)}",
                                                               "train.seed=0"])
     for section, values in RECIPES[name](updates, real).items():
         tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
@@ -264,9 +268,8 @@ def main() -> None:
             else:
                 # a method that updates its critic several times per generator update gets that many more steps
                 train_steps = args.generator_steps * int(METHODS[name].get("critic_updates", 1))
-                _, result = run_distillation(method_config(name, out, real), [
+                _, final_dir = run_distillation(method_config(name, out, real), [
                     f"train.max_steps={train_steps}", f"train.output_dir={out / slug(name)}", "train.seed=0"])
-                final_dir = result.final_dir
             seconds, cpu_seconds = time.perf_counter() - run_start, time.process_time() - cpu_start
             rows[name] = evaluate_student(final_dir, DIGITS, args.per_digit, EVAL_SEED)
             rows[name].update(train_seconds=round(seconds, 1), train_cpu_seconds=round(cpu_seconds, 1),

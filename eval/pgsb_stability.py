@@ -7,6 +7,7 @@ preset trains) is scored too: with the presets' settings these are the digits be
 Writes <out>/stability.json and <out>/stability.md.
 
     python eval/pgsb_stability.py --out runs/pgsb_stability --seeds 0 1
+    python eval/pgsb_stability.py --out runs/pgsb_lr1e-4 --fixed 2 --range 1 3 --set objective.generator_lr=1e-4
 """
 from __future__ import annotations
 
@@ -78,12 +79,14 @@ def main() -> None:
     parser.add_argument("--fixed", type=float, default=3.0, help="the fixed guidance scale")
     parser.add_argument("--range", type=float, nargs=2, default=[1.0, 5.0], help="PG-SB's U(low, high)")
     parser.add_argument("--per-digit", type=int, default=50)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for both runs, e.g. objective.generator_lr=1e-4")
     args = parser.parse_args()
     if abs(sum(args.range) / 2 - args.fixed) > 1e-9:
         parser.error(f"--range {args.range} must have the mean of --fixed {args.fixed}")
     low, high = args.range
-    settings = {f"fixed {args.fixed:g}": [f"objective.real_guidance={args.fixed}"],
-                f"U({low:g}, {high:g})": [f"objective.real_guidance_range=[{low},{high}]"]}
+    settings = {f"fixed {args.fixed:g}": [*args.set, f"objective.real_guidance={args.fixed}"],
+                f"U({low:g}, {high:g})": [*args.set, f"objective.real_guidance_range=[{low},{high}]"]}
     start = time.perf_counter()
     rows = [run(name, overrides, args, seed) for seed in args.seeds for name, overrides in settings.items()]
     report = {"rows": rows, "command": " ".join(sys.argv), "total_seconds": round(time.perf_counter() - start, 1)}

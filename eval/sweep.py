@@ -6,7 +6,7 @@ skipped, so a sweep can be extended cell by cell. Writes <out>/results.jsonl (on
     python eval/sweep.py SPEC.yaml --out runs/sweeps/NAME [--jobs 2] [--cells a b] [--seeds 0 1 2]
 
 SPEC.yaml:
-    base: stepdistill/assets/configs/demo.yaml       # a config file or preset (single stage or recipe)
+    base: stepdistill/assets/configs/dmd2_digits.yaml       # a config file or preset (single stage or recipe)
     set: [teacher.path=..., data.prompts_file=...]   # overrides of every cell
     eval: [--preset, digits]                         # arguments of `stepdistill eval`
     seeds: [0, 1]

@@ -136,19 +136,9 @@ def _train(args: argparse.Namespace) -> dict:
 
     tree = load_config_tree(args.config, args.overrides)
     if tree.get("recipe"):  # a multi-stage run: one training per stage
-        from stepdistill.recipes import run_recipe
-        from stepdistill.training.accel import close_process_group
+        from stepdistill.recipes import train_recipe
 
-        try:
-            stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)),
-                                only=args.stages)
-        finally:
-            close_process_group()
-        stopped = [s for s in stages if s.get("interrupted")]
-        if stopped:
-            raise Stopped(stopped[-1]["interrupted"], f"recipe stage {stopped[-1]['stage']} stopped at step "
-                          f"{stopped[-1]['steps']}; run the same command to continue")
-        return {"stages": stages}
+        return {"stages": train_recipe(tree, only=args.stages)}
     if args.stages:
         raise ConfigError("--stage selects stages of a recipe, and this config has no recipe")
     check_before_import(tree)

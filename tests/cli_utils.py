@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "stepdistill" / "assets"
 DIGITS_TEACHER = ASSETS / "digits_teacher"
 DIGITS_PROMPTS = ASSETS / "configs" / "digits_prompts.txt"
-DEMO_CONFIG = ASSETS / "configs" / "demo.yaml"
+DMD2_DIGITS_CONFIG = ASSETS / "configs" / "dmd2_digits.yaml"
 
 
 def cli_env(**extra: str) -> dict:

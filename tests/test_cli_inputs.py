@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from cli_utils import (
-    DEMO_CONFIG,
     DIGITS_PROMPTS,
     DIGITS_TEACHER,
+    DMD2_DIGITS_CONFIG,
     assert_fails,
     cli_command,
     cli_env,
@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_naming_the_culprit(case, files):
 
 def test_timesteps_outside_the_teachers_schedule_fail_before_training(tmp_path):
     """student.timesteps=[1000] on an SD teacher (model timesteps 0..999) trained fully, then failed at export."""
-    proc = run_cli("train", "--config", DEMO_CONFIG, f"teacher.path={DIGITS_TEACHER}",
+    proc = run_cli("train", "--config", DMD2_DIGITS_CONFIG, f"teacher.path={DIGITS_TEACHER}",
                    f"data.prompts_file={DIGITS_PROMPTS}", "student.timesteps=[1000]",
                    f"train.output_dir={tmp_path}/run",
                    cwd=tmp_path)
@@ -187,22 +187,25 @@ def test_help_imports_no_torch_and_version_answers(tmp_path):
 
 
 def test_ctrl_c_in_demo_is_one_line_saying_what_was_saved(tmp_path):
-    """Ctrl-C in `demo` used to save a checkpoint and then print a RuntimeError traceback with exit 1."""
+    """Ctrl-C in `demo` used to save a checkpoint and then print a RuntimeError traceback with exit 1. The demo is a
+    recipe (regression, then DMD2): the stopped stage says where it saved and that the same command continues."""
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:  # the progress bars (on) say when the training loop runs
-        proc = subprocess.Popen(cli_command("demo", "train.max_steps=100000", "train.checkpoint_every=100000"),
+        proc = subprocess.Popen(cli_command("demo", "train.max_steps=100000", "train.checkpoint_every=100000",
+                                            "objective.pairs.num=64", "objective.pairs.steps=2"),
                                 cwd=tmp_path, env=cli_env(TQDM_DISABLE=None), stdout=subprocess.PIPE,
                                 stderr=stderr, text=True)
         deadline = time.monotonic() + 300
-        while "update" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        while "step/s" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=300)
     last = assert_fails(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, log.read_text()), 130,
-                        "stopped by SIGINT", "after saving checkpoint-", "train.resume=latest")
+                        "recipe stage regression stopped", "after saving checkpoint-", "run the same command")
     step = int(last.split("after saving checkpoint-")[1].split()[0])
-    assert (tmp_path / "runs" / "demo" / "checkpoints" / f"checkpoint-{step}").is_dir()
-    assert not (tmp_path / "runs" / "demo" / "final").exists()  # no export of an unfinished run
+    stage = tmp_path / "runs" / "demo" / "regression"
+    assert (stage / "checkpoints" / f"checkpoint-{step}").is_dir()
+    assert not (stage / "final").exists() and not (stage.parent / "dmd2").exists()  # no export of an unfinished run
 
 
 def test_teacher_rebuilt_into_the_same_folder_gets_a_new_fid_reference(tmp_path):

@@ -57,8 +57,13 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
 
     out = tmp_path / "demo"
     assert main(["demo", "--eval-per-digit", "2", "train.max_steps=2", "train.batch_size=4",
-                 f"train.output_dir={out}", "train.device_threads=1"]) == 0
+                 "objective.pairs.num=8", "objective.pairs.steps=2", f"train.output_dir={out}",
+                 "train.device_threads=1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    # the warm start: a regression stage, then DMD2 from its export, whose export the demo evaluates
+    assert json.loads((out / "regression" / "stage.json").read_text())["steps"] == 2
+    assert json.loads((out / "dmd2" / "config.json").read_text())["student"]["init"] == str(out / "regression" / "final")
+    assert metrics["export"] == str(out / "dmd2" / "final")
     rows = metrics["metrics"]
     assert list(rows) == ["teacher 50-step DDIM", "teacher 1-step DDIM", "student 1-step (DMD2)"]
     assert rows["student 1-step (DMD2)"]["steps"] == 1 and rows["student 1-step (DMD2)"]["guidance_scale"] == 0
@@ -68,11 +73,11 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     assert "student 1-step (DMD2)" in (out / "metrics.md").read_text()
     width, height = Image.open(out / "samples.png").size
     assert width >= 20 * 128 and height >= 3 * 128  # 3 rows of 20 digits, upscaled from 16 pixels
-    pipe, recipe = load_exported(out / "final")
+    pipe, recipe = load_exported(out / "dmd2" / "final")
     image = pipe(digit_prompt(3), output_type="pt", **recipe["pipeline_kwargs"]).images
     assert image.shape == (1, 3, 16, 16)
 
     eval_dir = tmp_path / "eval"
-    assert main(["eval", str(out / "final"), "--preset", "digits", "--num-samples", "2", "--out", str(eval_dir)]) == 0
+    assert main(["eval", str(out / "dmd2" / "final"), "--preset", "digits", "--num-samples", "2", "--out", str(eval_dir)]) == 0
     result = json.loads((eval_dir / "metrics.json").read_text())
     assert result["steps"] == 1 and result["num_samples"] == 20 and "fid_teacher_vs_teacher" in result["floors"]

@@ -45,15 +45,21 @@ def test_regression_then_dmd2_from_its_export(tmp_path, capsys):
     assert any(not torch.equal(exported[k], teacher_unet[k]) for k in exported)
 
 
-def test_digits_warm_preset_is_the_swept_recipe(tmp_path):
-    """`dmd2_warm_digits` is the warm start measured in docs/DMD2.md: a short regression stage on few cheap teacher
-    pairs, then DMD2 from its export at the sweep's centre (generator lr 1e-4, real guidance 2)."""
+def test_digits_warm_preset_is_the_demos_measured_recipe(tmp_path):
+    """`dmd2_warm_digits` (the demo) is the warm start measured in docs/DMD2.md: regression on 1000 20-step teacher
+    pairs, then DMD2 from its export (generator lr 5e-5, real guidance 2); one
+    train.max_steps sets both stages' length."""
     tree = load_config_tree("dmd2_warm_digits", [f"train.output_dir={tmp_path}"])
     stages = {s.name: s for s in plan_stages(tree)}
     regression, dmd2 = (stage_config(stages[name], stages) for name in ("regression", "dmd2"))
-    assert regression.objective.name == "regression" and regression.train.max_steps == 200
-    assert (regression.objective.pairs.num, regression.objective.pairs.steps) == (500, 10)
+    assert regression.objective.name == "regression" and regression.train.max_steps == 600
+    assert (regression.objective.pairs.num, regression.objective.pairs.steps) == (1000, 20)
     assert regression.objective.pairs.guidance == 3.0
     assert dmd2.objective.name == "dmd2" and dmd2.student.init == str(tmp_path / "regression" / "final")
-    assert (dmd2.objective.generator_lr, dmd2.objective.critic_lr, dmd2.objective.real_guidance) == (1e-4, 1e-3, 2.0)
-    assert dmd2.train.max_steps == 400 and dmd2.objective.critic_updates == 2 and dmd2.train.ema_decay == 0.99
+    assert (dmd2.objective.generator_lr, dmd2.objective.critic_lr, dmd2.objective.real_guidance) == (5e-5, 1e-3, 2.0)
+    assert dmd2.train.max_steps == 600 and dmd2.objective.critic_updates == 2 and dmd2.train.ema_decay == 0.99
+    from stepdistill.miniature.demo import DEMO_CONFIG
+
+    assert DEMO_CONFIG == "dmd2_warm_digits"
+    short = load_config_tree("dmd2_warm_digits", [f"train.output_dir={tmp_path}", "train.max_steps=3"])
+    assert all(stage_config(s, stages).train.max_steps == 3 for s in plan_stages(short))

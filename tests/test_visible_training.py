@@ -10,7 +10,7 @@ import re
 import stat
 
 import torch
-from cli_utils import DEMO_CONFIG, DIGITS_PROMPTS, DIGITS_TEACHER, run_cli
+from cli_utils import DIGITS_PROMPTS, DIGITS_TEACHER, DMD2_DIGITS_CONFIG, run_cli
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -22,7 +22,7 @@ from stepdistill.cli import main
 def test_dmd2_digits_run_is_visible_and_its_export_is_usable(tmp_path, capsys):
     mask = os.umask(0o022)
     try:
-        proc = run_cli("train", "--config", DEMO_CONFIG, f"teacher.path={DIGITS_TEACHER}",
+        proc = run_cli("train", "--config", DMD2_DIGITS_CONFIG, f"teacher.path={DIGITS_TEACHER}",
                        f"data.prompts_file={DIGITS_PROMPTS}", "train.output_dir=run", "train.max_steps=4",
                        "train.batch_size=4", "train.log_every=2", "train.checkpoint_every=2",
                        "train.validate_every=4",

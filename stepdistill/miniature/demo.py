@@ -1,6 +1,7 @@
 """`stepdistill demo`: distill a shipped miniature teacher (digits by default, or shapes) into a one-step
-student with DMD2, export it as a diffusers pipeline folder, and write the sample grid and the metrics table
-(teacher 50-step, teacher 1-step, student 1-step: classifier FID, prompt accuracy, images/s)."""
+student with DMD2 warm-started from a regression student (presets/dmd2_warm_digits.yaml), export it as a diffusers
+pipeline folder, and write the sample grid and the metrics table (teacher 50-step, teacher 1-step, student 1-step:
+classifier FID, prompt accuracy, images/s)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.pipelines import load_exported
 from stepdistill.evaluation.miniature import (
     EVAL_SEED,
     evaluate_pipeline,
@@ -19,10 +19,12 @@ from stepdistill.evaluation.miniature import (
     sampling_kwargs,
 )
 from stepdistill.miniature import MiniatureDataset, get_dataset
-from stepdistill.miniature.dataset import ASSETS, sample_pipeline
+from stepdistill.miniature.dataset import sample_pipeline
 from stepdistill.miniature.teacher import load_teacher
+from stepdistill.pipelines import load_exported
 
-DEMO_CONFIG = ASSETS / "configs" / "demo.yaml"
+DEMO_CONFIG = "dmd2_warm_digits"  # a preset: regression on teacher pairs, then DMD2 from that student
+DEMO_OUTPUT = "runs/demo"
 EVAL_PER_CLASS = 50
 
 
@@ -32,13 +34,20 @@ def asset_overrides(teacher: str | MiniatureDataset = "digits") -> list[str]:
     return [f"teacher.path={dataset.teacher_dir}", f"data.prompts_file={dataset.prompts_file}"]
 
 
-def run_distillation(config: str | Path, overrides: list[str], teacher: str | MiniatureDataset = "digits"):
-    from stepdistill.config import load_config
+def run_distillation(config: str | Path, overrides: list[str],
+                     teacher: str | MiniatureDataset = "digits") -> tuple[dict, Path]:
+    """Train a config or a recipe on a shipped teacher; returns its config tree and the (last stage's) export."""
+    from stepdistill.config import config_from_dict, load_config_tree
+    from stepdistill.recipes import train_recipe
     from stepdistill.training import Trainer
+    from stepdistill.training.run import raise_if_stopped
 
-    cfg = load_config(config, asset_overrides(teacher) + list(overrides))
-    result = Trainer(cfg).train()
-    return cfg, result
+    tree = load_config_tree(config, asset_overrides(teacher) + list(overrides))
+    if tree.get("recipe"):
+        return tree, Path(train_recipe(tree)[-1]["export"])
+    result = Trainer(config_from_dict(tree)).train()
+    raise_if_stopped(result)
+    return tree, result.final_dir
 
 
 def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str] | None = None,
@@ -59,35 +68,34 @@ def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str]
 
 def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_class: int = EVAL_PER_CLASS,
              teacher: str | MiniatureDataset = "digits") -> dict:
-    from stepdistill.training.run import raise_if_stopped
     from stepdistill.visualize import image_grid
 
     dataset = get_dataset(teacher)
     start = time.perf_counter()
-    cfg, result = run_distillation(config, overrides, dataset)
-    raise_if_stopped(result)
+    tree, final_dir = run_distillation(config, [f"train.output_dir={DEMO_OUTPUT}", *overrides], dataset)
     train_seconds = time.perf_counter() - start
-    out = Path(cfg.train.output_dir)
+    out = Path(tree["train"]["output_dir"])
+    teacher_dir = tree["teacher"]["path"]
     print(f"stepdistill demo: evaluating the {dataset.name} teacher (50 and 1 steps) and student (1 step)", flush=True)
-    teacher_pipe = load_teacher(dataset, cfg.teacher.path)
-    reference = load_reference(dataset, cfg.teacher.path)  # computed once, then cached in the teacher's folder
+    teacher_pipe = load_teacher(dataset, teacher_dir)
+    reference = load_reference(dataset, teacher_dir)  # computed once, then cached in the teacher's folder
     # the teacher's 50-step row: accuracy and FIDs of its cached second reference set (other seeds, the floor),
     # speed and grid images from a small batch (50 steps on the CPU are the slow part this demo avoids)
     m50, im50 = evaluate_pipeline(teacher_pipe, dataset, reference, 50, dataset.guidance, 2, EVAL_SEED)
     m50.update(num_samples=int(reference["num_samples"]), prompt_accuracy=float(reference["teacher_accuracy"]),
                fid_vs_teacher50=float(reference["teacher_floor"]), fid_vs_real=float(reference["teacher_vs_real"]))
     m1, im1 = evaluate_pipeline(teacher_pipe, dataset, reference, 1, dataset.guidance, per_class, EVAL_SEED)
-    student = evaluate_student(result.final_dir, dataset, per_class, EVAL_SEED, teacher_dir=cfg.teacher.path)
+    student = evaluate_student(final_dir, dataset, per_class, EVAL_SEED, teacher_dir=teacher_dir)
     metrics = {"teacher 50-step DDIM": m50, "teacher 1-step DDIM": m1,
                "student 1-step (DMD2)": {k: v for k, v in student.items() if k not in ("teacher", "pipeline", "floors")}}
     grid_labels = dataset.balanced_labels(2)
-    student_pipe, recipe = load_exported(result.final_dir)
+    student_pipe, recipe = load_exported(final_dir)
     student_images = sample_pipeline(student_pipe, dataset, grid_labels, recipe["num_inference_steps"],
                                      recipe["guidance_scale"], EVAL_SEED, **sampling_kwargs(recipe))
     grid = torch.cat([im50[:len(grid_labels)], im1[:len(grid_labels)], student_images])
     image_grid(grid, out / "samples.png", columns=len(grid_labels))
     table = markdown_table(metrics, reference, real=f"real test {dataset.name}")
-    summary = {"teacher": dataset.name, "output_dir": str(out), "export": str(result.final_dir),
+    summary = {"teacher": dataset.name, "output_dir": str(out), "export": str(final_dir),
                "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - start, 1),
                "metrics": metrics, "floors": floors(reference),
                "protocol": {"feature_model": f"{dataset.name} classifier (64 pre-activation features)",

@@ -13,6 +13,6 @@ A stage with `for_each: {key: [values]}` fans out into independent stages NAME-0
 NAME}` writes the routed export of a fan-out over the parts of a partition (multi-student distillation, msd.py).
 `stepdistill train --stage NAME` runs only the named stages (separate launches, e.g. one per GPU group).
 """
-from stepdistill.recipes.runner import Stage, plan_stages, run_recipe
+from stepdistill.recipes.runner import Stage, plan_stages, run_recipe, train_recipe
 
-__all__ = ["Stage", "plan_stages", "run_recipe"]
+__all__ = ["Stage", "plan_stages", "run_recipe", "train_recipe"]

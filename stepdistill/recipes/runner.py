@@ -221,6 +221,24 @@ def run_recipe(tree: dict, overwrite: bool = False, only: list[str] | None = Non
     return results
 
 
+def train_recipe(tree: dict, only: list[str] | None = None) -> list[dict]:
+    """`run_recipe` as a command runs it: overwrite from the tree's train section, the process group closed at the
+    end, and a stage a signal stopped raised as `Stopped` with where to continue."""
+    from stepdistill.errors import Stopped
+    from stepdistill.training.accel import close_process_group
+
+    try:
+        stages = run_recipe(tree, overwrite=bool((tree.get("train") or {}).get("overwrite", False)), only=only)
+    finally:
+        close_process_group()
+    stopped = [s for s in stages if s.get("interrupted")]
+    if stopped:
+        raise Stopped(stopped[-1]["interrupted"], f"recipe stage {stopped[-1]['stage']} stopped at step "
+                      f"{stopped[-1]['steps']} after saving checkpoint-{stopped[-1]['steps']} in "
+                      f"{Path(stopped[-1]['output_dir']) / 'checkpoints'}; run the same command to continue")
+    return stages
+
+
 def _selected(stages: list[Stage], only: list[str] | None) -> set[str]:
     names = {s.name for s in stages}
     if not only:
