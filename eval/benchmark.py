@@ -14,7 +14,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from stepdistill.evaluation.miniature import evaluate_pipeline, evaluate_student, load_reference
@@ -112,18 +111,7 @@ SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-ben
 
 def real_images(folder: Path) -> Path:
     """The train digits as PNGs with their prompts as captions (metadata.jsonl): the GAN's real data."""
-    from PIL import Image
-
-    images, labels = DIGITS.load_images("train")
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (image, label) in enumerate(zip(images, labels)):
-        name = f"{i:05d}.png"
-        array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        Image.fromarray(array).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": DIGITS.prompts[int(label)]}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+    return DIGITS.write_image_folder(folder, "train")
 
 
 def method_config(name: str, out: Path, real: Path) -> Path:

@@ -81,3 +81,18 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     assert main(["eval", str(out / "dmd2" / "final"), "--preset", "digits", "--num-samples", "2", "--out", str(eval_dir)]) == 0
     result = json.loads((eval_dir / "metrics.json").read_text())
     assert result["steps"] == 1 and result["num_samples"] == 20 and "fid_teacher_vs_teacher" in result["floors"]
+
+
+def test_real_digits_folder_is_captioned_by_the_prompts(tmp_path):
+    """`write_image_folder` is the GAN's real branch (`data.image_dir`): every image of the split, each captioned by
+    its class prompt, pixel values kept to 1/255."""
+    import numpy as np
+    from PIL import Image
+
+    folder = DIGITS.write_image_folder(tmp_path / "real", "test")
+    images, labels = DIGITS.load_images("test")
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == len(images) == len(list(folder.glob("*.png")))
+    assert [line["text"] for line in lines] == [DIGITS.prompts[int(label)] for label in labels]
+    first = np.asarray(Image.open(folder / lines[0]["file_name"]), dtype=np.float32) / 255
+    assert np.abs(first - images[0].permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6

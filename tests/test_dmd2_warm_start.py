@@ -63,3 +63,19 @@ def test_digits_warm_preset_is_the_demos_measured_recipe(tmp_path):
     assert DEMO_CONFIG == "dmd2_warm_digits"
     short = load_config_tree("dmd2_warm_digits", [f"train.output_dir={tmp_path}", "train.max_steps=3"])
     assert all(stage_config(s, stages).train.max_steps == 3 for s in plan_stages(short))
+
+def test_digits_warm_gan_preset_is_the_measured_gan_stage(tmp_path):
+    """`dmd2_warm_gan_digits` (docs/DMD2.md, the GAN stage): a regression stage on 4000 teacher pairs, then DMD2 with
+    DMD v1's regression term on the same cached pairs and the GAN on real digits, from the regression export."""
+    tree = load_config_tree("dmd2_warm_gan_digits", [f"train.output_dir={tmp_path}"])
+    stages = {s.name: s for s in plan_stages(tree)}
+    regression, gan = (stage_config(stages[name], stages) for name in ("regression", "dmd2_gan"))
+    assert (regression.objective.pairs.num, regression.objective.pairs.steps, regression.train.max_steps) == (4000, 20,
+                                                                                                            1200)
+    assert gan.objective.name == "dmd2" and gan.student.init == str(tmp_path / "regression" / "final")
+    assert gan.objective.pairs.dir == str(tmp_path / "regression" / "pairs")  # the regression stage's cache, reused
+    assert (gan.objective.pairs.num, gan.objective.pairs.steps) == (4000, 20)
+    assert gan.objective.real_data == "images" and gan.data.image_dir == "runs/real_digits"
+    assert (gan.objective.regression_weight, gan.objective.gan_generator_weight, gan.objective.gan_critic_weight) == (
+        3.0, 8e-2, 1e-1)
+    assert (gan.objective.generator_lr, gan.objective.real_guidance, gan.train.max_steps) == (5e-5, 2.0, 600)

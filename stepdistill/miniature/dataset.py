@@ -3,12 +3,15 @@ where its teacher, classifier and prompt file live. One definition per dataset (
 teacher builder, the classifier and the miniature metrics are written once against this class."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from stepdistill.io import write_atomic
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPLITS = ("train", "test", "all")
@@ -67,6 +70,23 @@ class MiniatureDataset:
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.loader(split)
+
+    def write_image_folder(self, folder: str | Path, split: str = "train") -> Path:
+        """The split's images as PNGs captioned by their prompts (metadata.jsonl): `data.image_dir` for a GAN's
+        real branch or score matching on real images."""
+        from PIL import Image
+
+        images, labels = self.load_images(split)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, (image, label) in enumerate(zip(images, labels)):
+            name = f"{i:05d}.png"
+            array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(array).save(folder / name)
+            lines.append(json.dumps({"file_name": name, "text": self.prompts[int(label)]}))
+        write_atomic(folder / "metadata.jsonl", "\n".join(lines) + "\n")
+        return folder
 
     def balanced_labels(self, per_class: int) -> Tensor:
         """0, 1, ..., C-1 repeated per_class times: every prefix of C labels covers every class once."""
