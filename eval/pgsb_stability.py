@@ -1,6 +1,7 @@
 """Is SNOOPI's PG-SB steadier than a fixed guidance scale? VSD (SwiftBrush) on the shipped digits teacher with a
 fixed kappa and with kappa ~ U(low, high) of the same mean, the same seeds and budget; the raw student (its trained
-weights, not the EMA) is exported at each of the last evaluation steps and scored by `stepdistill eval --preset
+weights; `--weights ema`: its EMA, what the run would export if stopped there) is exported at each of the last
+evaluation steps and scored by `stepdistill eval --preset
 digits` (FID vs the teacher's 50-step samples). The spread (max - min) of those FIDs per run is the measure (SNOOPI
 v1 Fig. 2 shows SwiftBrush's FID oscillating with a fixed scale). Each run's final export (EMA weights, as the
 preset trains) is scored too: with the presets' settings these are the digits benchmark's VSD and PG-SB rows.
@@ -8,6 +9,8 @@ Writes <out>/stability.json and <out>/stability.md.
 
     python eval/pgsb_stability.py --out runs/pgsb_stability --seeds 0 1
     python eval/pgsb_stability.py --out runs/pgsb_lr1e-4 --fixed 2 --range 1 3 --set objective.generator_lr=1e-4
+    python eval/pgsb_stability.py --out runs/pgsb_lr1e-4_ema --weights ema --fixed 2 --range 1 3 \
+        --set objective.generator_lr=1e-4
 """
 from __future__ import annotations
 
@@ -27,14 +30,15 @@ ASSETS = ROOT / "stepdistill" / "assets"
 
 
 class ExportAt(Hook):
-    """Export the raw (non-EMA) student at the given training steps."""
+    """Export the student (its raw weights, or its EMA) at the given training steps."""
 
-    def __init__(self, steps: list[int], out: Path) -> None:
-        self.steps, self.out = set(steps), out
+    def __init__(self, steps: list[int], out: Path, ema: bool) -> None:
+        self.steps, self.out, self.ema = set(steps), out, ema
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         if trainer.step in self.steps:
-            trainer.objective.export(trainer.objective.generator, self.out / f"step-{trainer.step:05d}")
+            with trainer.inference_generator(ema=self.ema) as generator:
+                trainer.objective.export(generator, self.out / f"step-{trainer.step:05d}")
 
 
 def digits_fid(folder: Path, per_digit: int) -> dict:
@@ -55,12 +59,12 @@ def run(name: str, overrides: list[str], args, seed: int) -> dict:
                                     "train.overwrite=true", "train.progress=false",
                                     *overrides])
     start = time.perf_counter()
-    Trainer(cfg, hooks=[ExportAt(steps, out / "evals")]).train()
+    Trainer(cfg, hooks=[ExportAt(steps, out / "evals", args.weights == "ema")]).train()
     train_s = time.perf_counter() - start
     fids = {s: digits_fid(out / "evals" / f"step-{s:05d}", args.per_digit)["fid_vs_teacher50"] for s in steps}
     values = list(fids.values())
     final = digits_fid(out / "final", args.per_digit)
-    row = {"run": name, "seed": seed, "overrides": overrides, "fid_by_step": fids, "spread": max(values) - min(values),
+    row = {"run": name, "seed": seed, "overrides": overrides, "weights": args.weights, "fid_by_step": fids, "spread": max(values) - min(values),
            "mean": sum(values) / len(values), "final_ema": {k: final[k] for k in ("prompt_accuracy", "fid_vs_teacher50",
                                                                                 "fid_vs_real")},
            "train_seconds": round(train_s, 1)}
@@ -79,6 +83,8 @@ def main() -> None:
     parser.add_argument("--fixed", type=float, default=3.0, help="the fixed guidance scale")
     parser.add_argument("--range", type=float, nargs=2, default=[1.0, 5.0], help="PG-SB's U(low, high)")
     parser.add_argument("--per-digit", type=int, default=50)
+    parser.add_argument("--weights", choices=["raw", "ema"], default="raw",
+                        help="what is exported at each evaluation: the trained weights or their EMA")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for both runs, e.g. objective.generator_lr=1e-4")
     args = parser.parse_args()
@@ -92,7 +98,7 @@ def main() -> None:
     report = {"rows": rows, "command": " ".join(sys.argv), "total_seconds": round(time.perf_counter() - start, 1)}
     Path(args.out, "stability.json").write_text(json.dumps(report, indent=2))
     lines = ["| guidance | seed | FID vs teacher at steps " + ", ".join(map(str, rows[0]["fid_by_step"]))
-             + " (raw weights) | spread (max - min) | mean | final EMA export: FID vs teacher / accuracy |",
+             + f" ({args.weights} weights) | spread (max - min) | mean | final EMA export: FID vs teacher / accuracy |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['seed']} | " + ", ".join(f"{v:.1f}" for v in r["fid_by_step"].values())
