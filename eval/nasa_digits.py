@@ -2,8 +2,10 @@
 of an exported student of the shipped digits teacher, with the negative prompt "a handwritten digit <d>" through
 NASA (negative-away steer attention, stepdistill.pipelines.nasa) at several alphas, and through diffusers' own
 output-space CFG (guidance_scale w, the same negative) for comparison, on the same noise. The digits classifier
-reads every sample: the share of digit d, and how confidently the samples read as digits at all (mean top-class
-probability). Writes <out>/nasa.json and <out>/nasa.md.
+reads every sample: the share of digit d, how confidently the samples read as digits at all (mean top-class
+probability), and how far they are from the real test digits (FID on the classifier's features, as `stepdistill
+eval --preset digits` computes it; every row's FID is over the same number of samples, averaged over the 10
+negatives). Writes <out>/nasa.json and <out>/nasa.md.
 
     python eval/nasa_digits.py <export folder> --out runs/nasa_digits
 """
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.miniature.classifier import load_classifier
+from stepdistill.evaluation.fid import frechet_distance, statistics
+from stepdistill.evaluation.miniature import features, load_reference
+from stepdistill.miniature.classifier import ClassifierFeatures
 from stepdistill.miniature.digits import DIGITS as DIGITS_DATASET
 from stepdistill.pipelines import load_exported
 from stepdistill.pipelines.nasa import nasa_pipeline
@@ -25,23 +29,23 @@ from stepdistill.pipelines.nasa import nasa_pipeline
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def digit_classifier():
-    """The shipped digits classifier (logits of 16x16 RGB images in [0, 1])."""
-    return load_classifier(DIGITS_DATASET.classifier_dir).eval()
-
-
 @torch.no_grad()
-def read_digits(pipe, classifier, n: int, seed: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted digit [n], top-class probability [n]) of n samples of the prompt "" from fixed noise."""
+def read_digits(pipe, model: ClassifierFeatures, n: int, seed: int, **kwargs) -> dict:
+    """Predicted digit [n], top-class probability [n] and FID vs the real test digits of n samples of the prompt ""
+    from fixed noise."""
     images = pipe([""] * n, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
-    probs = classifier(images.float().clamp(0, 1)).softmax(dim=1)
+    images = images.float().clamp(0, 1)
+    probs = model.classifier(model.prepare(images * 255.0)).softmax(dim=1)
     confidence, digit = probs.max(dim=1)
-    return digit, confidence
+    real = load_reference(DIGITS_DATASET)
+    fid = frechet_distance(*statistics(features(images, model)), real["real_mu"], real["real_sigma"])
+    return {"digit": digit, "confidence": confidence, "fid_vs_real": fid}
 
 
-def summarize(digit: torch.Tensor, confidence: torch.Tensor, target: int) -> dict:
+def summarize(read: dict, target: int) -> dict:
+    digit, confidence = read["digit"], read["confidence"]
     return {"share": float((digit == target).float().mean()), "confidence": float(confidence.mean()),
-            "confident_share": float((confidence >= 0.9).float().mean())}
+            "confident_share": float((confidence >= 0.9).float().mean()), "fid_vs_real": read["fid_vs_real"]}
 
 
 def main() -> None:
@@ -59,22 +63,22 @@ def main() -> None:
     pipe = nasa_pipeline(plain)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items() if k != "guidance_scale"}
-    classifier = digit_classifier()
-    digit, confidence = read_digits(pipe, classifier, args.samples, args.seed, guidance_scale=0.0, **kwargs)
-    base = {"histogram": torch.bincount(digit, minlength=10).tolist(), "confidence": float(confidence.mean()),
-            "confident_share": float((confidence >= 0.9).float().mean())}
+    classifier = ClassifierFeatures(DIGITS_DATASET.classifier_dir).eval()
+    unguided = read_digits(pipe, classifier, args.samples, args.seed, guidance_scale=0.0, **kwargs)
+    base = {"histogram": torch.bincount(unguided["digit"], minlength=10).tolist(),
+            **{k: v for k, v in summarize(unguided, 0).items() if k != "share"}}
     rows = {}
     for d, name in enumerate(DIGITS):
         negative = [f"a handwritten digit {name}"] * args.samples  # a list, as diffusers wants for a list of prompts
-        row = {"none": summarize(digit, confidence, d)}
+        row = {"none": summarize(unguided, d)}
         for a in args.nasa_scales:
-            row[f"NASA alpha={a:g}"] = summarize(*read_digits(pipe, classifier, args.samples, args.seed,
-                                                              negative_prompt=negative, nasa_scale=a,
-                                                              guidance_scale=0.0, **kwargs), d)
+            row[f"NASA alpha={a:g}"] = summarize(read_digits(pipe, classifier, args.samples, args.seed,
+                                                             negative_prompt=negative, nasa_scale=a,
+                                                             guidance_scale=0.0, **kwargs), d)
         for w in args.cfg_scales:
-            row[f"CFG w={w:g}"] = summarize(*read_digits(pipe, classifier, args.samples, args.seed,
-                                                         negative_prompt=negative, nasa_scale=0.0, guidance_scale=w,
-                                                         **kwargs), d)
+            row[f"CFG w={w:g}"] = summarize(read_digits(pipe, classifier, args.samples, args.seed,
+                                                        negative_prompt=negative, nasa_scale=0.0, guidance_scale=w,
+                                                        **kwargs), d)
         rows[d] = row
         print(d, json.dumps(row), flush=True)
     settings = list(rows[0])
@@ -87,11 +91,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "nasa.json").write_text(json.dumps(report, indent=2))
     header = ("| negative prompt through | share of the negated digit (mean over digits) | digits whose share at least "
-              "halves | mean top-class probability | share read with probability >= 0.9 |")
-    lines = [header, "|---|---|---|---|---|"]
+              "halves | mean top-class probability | share read with probability >= 0.9 | FID vs real digits |")
+    lines = [header, "|---|---|---|---|---|---|"]
     for s in settings:
         lines.append(f"| {s} | {mean[s]['share']:.3f} | {removed[s] if s != 'none' else ''} | "
-                     f"{mean[s]['confidence']:.3f} | {mean[s]['confident_share']:.3f} |")
+                     f"{mean[s]['confidence']:.3f} | {mean[s]['confident_share']:.3f} | {mean[s]['fid_vs_real']:.1f} |")
     (out / "nasa.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
