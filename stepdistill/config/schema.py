@@ -118,7 +118,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 0
-    ema_decay: float = 0.0  # 0 disables the generator EMA
+    # 0 disables the generator EMA. diffusers' EMAModel ramps the decay as (1 + n) / (10 + n) over the n generator
+    # updates and caps it there, so ema_decay binds only after (10 d - 1) / (1 - d) updates (890 at 0.99)
+    ema_decay: float = 0.0
     checkpoint_every: int = 500
     checkpoints_limit: int = 2
     # "" | latest (the newest checkpoint; refused if it is corrupt) | latest-valid (the newest intact one) | a
