@@ -7,10 +7,9 @@ v1 Fig. 2 shows SwiftBrush's FID oscillating with a fixed scale). Each run's fin
 preset trains) is scored too: with the presets' settings these are the digits benchmark's VSD and PG-SB rows.
 Writes <out>/stability.json and <out>/stability.md.
 
-    python eval/pgsb_stability.py --out runs/pgsb_stability --seeds 0 1
-    python eval/pgsb_stability.py --out runs/pgsb_lr1e-4 --fixed 2 --range 1 3 --set objective.generator_lr=1e-4
-    python eval/pgsb_stability.py --out runs/pgsb_lr1e-4_ema --weights ema --fixed 2 --range 1 3 \
-        --set objective.generator_lr=1e-4
+    python eval/pgsb_stability.py --out runs/pgsb_lr1e-4 --seeds 0 1            # the presets: fixed 2 vs U(1, 3)
+    python eval/pgsb_stability.py --out runs/pgsb_lr1e-4_ema --weights ema --seeds 0 1 2
+    python eval/pgsb_stability.py --out runs/pgsb_stability --fixed 3 --range 1 5 --set objective.generator_lr=1e-3
 """
 from __future__ import annotations
 
@@ -80,8 +79,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (VSD: generator updates)")
     parser.add_argument("--every", type=int, default=25, help="steps between evaluations")
     parser.add_argument("--last", type=int, default=6, help="evaluations at the end of each run")
-    parser.add_argument("--fixed", type=float, default=3.0, help="the fixed guidance scale")
-    parser.add_argument("--range", type=float, nargs=2, default=[1.0, 5.0], help="PG-SB's U(low, high)")
+    parser.add_argument("--fixed", type=float, default=2.0, help="the fixed guidance scale (vsd_digits')")
+    parser.add_argument("--range", type=float, nargs=2, default=[1.0, 3.0], help="PG-SB's U(low, high) (snoopi_digits')")
     parser.add_argument("--per-digit", type=int, default=50)
     parser.add_argument("--weights", choices=["raw", "ema"], default="raw",
                         help="what is exported at each evaluation: the trained weights or their EMA")
