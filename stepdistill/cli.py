@@ -109,7 +109,8 @@ def build_parser() -> Parser:
     p.add_argument("--clip-model", default=None, help="CLIP model: hub id or local folder")
     p.add_argument("--fid-backend", default="cleanfid", choices=["cleanfid", "torchmetrics"])
     p.add_argument("--fid-mode", default="clean", choices=["clean", "legacy_tensorflow", "legacy_pytorch"])
-    p.add_argument("--feature", default="inception", choices=["inception", "digits"])
+    p.add_argument("--feature", default="inception", choices=["inception", *MINIATURE_WORLDS],
+                   help="FID features: Inception, or a miniature world's classifier (offline)")
     p.add_argument("--inception-weights", default="", help="local Inception weights file (torchmetrics backend)")
     p.add_argument("--speed", action="store_true", help="also measure latency and throughput")
     p = command("plan", "per-GPU memory estimate of a config and the options that make it fit")

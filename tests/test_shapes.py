@@ -112,3 +112,12 @@ def test_the_command_line_offers_every_world_and_coco_preset():
     from stepdistill.evaluation.coco import PRESETS
 
     assert set(MINIATURE_WORLDS) == set(DATASETS) and set(COCO_PRESETS) == set(PRESETS)
+
+
+def test_eval_takes_every_world_classifier_as_fid_features():
+    """`stepdistill eval --feature NAME` (the offline FID features its own error message suggests) for every world."""
+    from stepdistill.cli import build_parser
+
+    for name in DATASETS:
+        args = build_parser().parse_args(["eval", "some/pipeline", "--preset", "coco2017-5k", "--feature", name])
+        assert args.feature == name
