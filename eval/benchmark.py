@@ -109,11 +109,6 @@ RECIPES = {
 SECTION_START, SECTION_END = "<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->"
 
 
-def real_images(folder: Path) -> Path:
-    """The train digits as PNGs with their prompts as captions (metadata.jsonl): the GAN's real data."""
-    return DIGITS.write_image_folder(folder, "train")
-
-
 def method_config(name: str, out: Path, real: Path) -> Path:
     """The demo config with this method's objective section, written to <out>/configs/ (it is what ran)."""
     tree = yaml.safe_load(DMD2_CONFIG.read_text())
@@ -245,7 +240,7 @@ def main() -> None:
         rows[f"teacher {steps}-step DDIM"], _ = evaluate_pipeline(teacher, DIGITS, reference, steps, TEACHER_GUIDANCE,
                                                                   args.per_digit, EVAL_SEED)
     report = write_report(out, merged_rows(previous, rows), reference, args.generator_steps, previous_seconds)
-    real = real_images(out / "real_digits")
+    real = DIGITS.write_image_folder(out / "real_digits", "train")  # the GAN's real data, captioned by prompts
     for name in args.methods:
         if "recipe" in METHODS.get(name, {}):
             rows.update(run_preset_recipe(name, out, reference, args.per_digit))

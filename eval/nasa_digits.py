@@ -30,14 +30,13 @@ DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 
 
 @torch.no_grad()
-def read_digits(pipe, model: ClassifierFeatures, n: int, seed: int, **kwargs) -> dict:
-    """Predicted digit [n], top-class probability [n] and FID vs the real test digits of n samples of the prompt ""
-    from fixed noise."""
+def read_digits(pipe, model: ClassifierFeatures, real: dict, n: int, seed: int, **kwargs) -> dict:
+    """Predicted digit [n], top-class probability [n] and FID vs the real test digits (`real`: the digits reference)
+    of n samples of the prompt "" from fixed noise."""
     images = pipe([""] * n, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
     images = images.float().clamp(0, 1)
     probs = model.classifier(model.prepare(images * 255.0)).softmax(dim=1)
     confidence, digit = probs.max(dim=1)
-    real = load_reference(DIGITS_DATASET)
     fid = frechet_distance(*statistics(features(images, model)), real["real_mu"], real["real_sigma"])
     return {"digit": digit, "confidence": confidence, "fid_vs_real": fid}
 
@@ -64,7 +63,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     kwargs = {k: v for k, v in recipe["pipeline_kwargs"].items() if k != "guidance_scale"}
     classifier = ClassifierFeatures(DIGITS_DATASET.classifier_dir).eval()
-    unguided = read_digits(pipe, classifier, args.samples, args.seed, guidance_scale=0.0, **kwargs)
+    real = load_reference(DIGITS_DATASET)
+    unguided = read_digits(pipe, classifier, real, args.samples, args.seed, guidance_scale=0.0, **kwargs)
     base = {"histogram": torch.bincount(unguided["digit"], minlength=10).tolist(),
             **{k: v for k, v in summarize(unguided, 0).items() if k != "share"}}
     rows = {}
@@ -72,11 +72,11 @@ def main() -> None:
         negative = [f"a handwritten digit {name}"] * args.samples  # a list, as diffusers wants for a list of prompts
         row = {"none": summarize(unguided, d)}
         for a in args.nasa_scales:
-            row[f"NASA alpha={a:g}"] = summarize(read_digits(pipe, classifier, args.samples, args.seed,
+            row[f"NASA alpha={a:g}"] = summarize(read_digits(pipe, classifier, real, args.samples, args.seed,
                                                              negative_prompt=negative, nasa_scale=a,
                                                              guidance_scale=0.0, **kwargs), d)
         for w in args.cfg_scales:
-            row[f"CFG w={w:g}"] = summarize(read_digits(pipe, classifier, args.samples, args.seed,
+            row[f"CFG w={w:g}"] = summarize(read_digits(pipe, classifier, real, args.samples, args.seed,
                                                         negative_prompt=negative, nasa_scale=0.0, guidance_scale=w,
                                                         **kwargs), d)
         rows[d] = row
@@ -95,7 +95,8 @@ def main() -> None:
     lines = [header, "|---|---|---|---|---|---|"]
     for s in settings:
         lines.append(f"| {s} | {mean[s]['share']:.3f} | {removed[s] if s != 'none' else ''} | "
-                     f"{mean[s]['confidence']:.3f} | {mean[s]['confident_share']:.3f} | {mean[s]['fid_vs_real']:.1f} |")
+                     f"{mean[s]['confidence']:.3f} | {mean[s]['confident_share']:.3f} | "
+                     f"{mean[s]['fid_vs_real']:.1f} |")
     (out / "nasa.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -63,7 +63,8 @@ def run(name: str, overrides: list[str], args, seed: int) -> dict:
     fids = {s: digits_fid(out / "evals" / f"step-{s:05d}", args.per_digit)["fid_vs_teacher50"] for s in steps}
     values = list(fids.values())
     final = digits_fid(out / "final", args.per_digit)
-    row = {"run": name, "seed": seed, "overrides": overrides, "weights": args.weights, "fid_by_step": fids, "spread": max(values) - min(values),
+    row = {"run": name, "seed": seed, "overrides": overrides, "weights": args.weights, "fid_by_step": fids,
+           "spread": max(values) - min(values),
            "mean": sum(values) / len(values), "final_ema": {k: final[k] for k in ("prompt_accuracy", "fid_vs_teacher50",
                                                                                 "fid_vs_real")},
            "train_seconds": round(train_s, 1)}
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="steps between evaluations")
     parser.add_argument("--last", type=int, default=6, help="evaluations at the end of each run")
     parser.add_argument("--fixed", type=float, default=2.0, help="the fixed guidance scale (vsd_digits')")
-    parser.add_argument("--range", type=float, nargs=2, default=[1.0, 3.0], help="PG-SB's U(low, high) (snoopi_digits')")
+    parser.add_argument("--range", type=float, nargs=2, default=[1.0, 3.0],
+                        help="PG-SB's U(low, high) (snoopi_digits')")
     parser.add_argument("--per-digit", type=int, default=50)
     parser.add_argument("--weights", choices=["raw", "ema"], default="raw",
                         help="what is exported at each evaluation: the trained weights or their EMA")

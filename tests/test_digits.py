@@ -62,7 +62,8 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     # the warm start: a regression stage, then DMD2 from its export, whose export the demo evaluates
     assert json.loads((out / "regression" / "stage.json").read_text())["steps"] == 2
-    assert json.loads((out / "dmd2" / "config.json").read_text())["student"]["init"] == str(out / "regression" / "final")
+    dmd2_config = json.loads((out / "dmd2" / "config.json").read_text())
+    assert dmd2_config["student"]["init"] == str(out / "regression" / "final")
     assert metrics["export"] == str(out / "dmd2" / "final")
     rows = metrics["metrics"]
     assert list(rows) == ["teacher 50-step DDIM", "teacher 1-step DDIM", "student 1-step (DMD2)"]
@@ -78,7 +79,8 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     assert image.shape == (1, 3, 16, 16)
 
     eval_dir = tmp_path / "eval"
-    assert main(["eval", str(out / "dmd2" / "final"), "--preset", "digits", "--num-samples", "2", "--out", str(eval_dir)]) == 0
+    assert main(["eval", str(out / "dmd2" / "final"), "--preset", "digits", "--num-samples", "2",
+                 "--out", str(eval_dir)]) == 0
     result = json.loads((eval_dir / "metrics.json").read_text())
     assert result["steps"] == 1 and result["num_samples"] == 20 and "fid_teacher_vs_teacher" in result["floors"]
 

@@ -233,9 +233,10 @@ def train_recipe(tree: dict, only: list[str] | None = None) -> list[dict]:
         close_process_group()
     stopped = [s for s in stages if s.get("interrupted")]
     if stopped:
-        raise Stopped(stopped[-1]["interrupted"], f"recipe stage {stopped[-1]['stage']} stopped at step "
-                      f"{stopped[-1]['steps']} after saving checkpoint-{stopped[-1]['steps']} in "
-                      f"{Path(stopped[-1]['output_dir']) / 'checkpoints'}; run the same command to continue")
+        last = stopped[-1]
+        raise Stopped(last["interrupted"], f"recipe stage {last['stage']} stopped at step {last['steps']} after saving "
+                      f"checkpoint-{last['steps']} in {Path(last['output_dir']) / 'checkpoints'}; run the same "
+                      "command to continue")
     return stages
 
 
