@@ -17,15 +17,26 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.evaluation.miniature import evaluate_student
-from stepdistill.miniature import DATASETS, get_dataset
+from stepdistill.evaluation.miniature import (
+    evaluate_pipeline,
+    load_reference,
+    recipe_sampling,
+    sampling_kwargs,
+)
+from stepdistill.miniature import DATASETS, MiniatureDataset, get_dataset
+from stepdistill.miniature.classifier import ClassifierFeatures
+from stepdistill.pipelines import load_exported
 
 METRICS = ("fid_vs_teacher50", "fid_vs_real", "prompt_accuracy")
 
 
-def score(folder: str, world: str, seeds: list[int], per_class: int, steps: int | None = None) -> dict[str, list]:
-    """Each metric of METRICS at each seed."""
-    runs = [evaluate_student(folder, world, per_class, seed=s, steps=steps) for s in seeds]
+def score(folder: str, dataset: MiniatureDataset, reference: dict, model: ClassifierFeatures, seeds: list[int],
+          per_class: int, steps: int | None = None) -> dict[str, list]:
+    """Each metric of METRICS at each seed, as `stepdistill eval` scores the folder (its recipe's steps and CFG)."""
+    pipe, recipe = load_exported(folder)
+    steps, guidance = recipe_sampling(recipe, dataset, steps)
+    runs = [evaluate_pipeline(pipe, dataset, reference, steps, guidance, per_class, s, model,
+                              **sampling_kwargs(recipe))[0] for s in seeds]
     return {k: [m[k] for m in runs] for k in METRICS}
 
 
@@ -56,11 +67,13 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=50, help="samples per class at each seed (the eval's 50)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    teacher = str(get_dataset(args.world).teacher_dir)
-    rows = {"teacher 50-step": score(teacher, args.world, args.seeds, args.per_class, steps=50),
-            "teacher 4-step": score(teacher, args.world, args.seeds, args.per_class, steps=4)}
+    dataset = get_dataset(args.world)
+    reference, model = load_reference(dataset), ClassifierFeatures(dataset.classifier_dir)
+    common = (dataset, reference, model, args.seeds, args.per_class)
+    rows = {"teacher 50-step": score(str(dataset.teacher_dir), *common, steps=50),
+            "teacher 4-step": score(str(dataset.teacher_dir), *common, steps=4)}
     for folder in args.folders:
-        rows[folder] = score(folder, args.world, args.seeds, args.per_class)
+        rows[folder] = score(folder, *common)
         print(folder, {k: round(statistics.mean(v), 3) for k, v in rows[folder].items()}, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

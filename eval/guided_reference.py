@@ -20,6 +20,7 @@ from stepdistill.evaluation.miniature import (
     REFERENCE_SEED,
     features,
     load_reference,
+    recipe_sampling,
     sampling_kwargs,
 )
 from stepdistill.miniature import DATASETS, get_dataset
@@ -48,8 +49,8 @@ def main() -> None:
     rows = {f"teacher 50-step at CFG {w:g}": {"real": frechet_distance(*refs[w], *real_stats)} for w in args.scales}
     for folder in args.folders:
         pipe, recipe = load_exported(folder)
-        images = sample_pipeline(pipe, dataset, labels, steps=recipe.get("num_inference_steps", 1),
-                                 guidance=recipe.get("guidance_scale", 1.0), seed=EVAL_SEED,
+        steps, guidance = recipe_sampling(recipe, dataset)
+        images = sample_pipeline(pipe, dataset, labels, steps=steps, guidance=guidance, seed=EVAL_SEED,
                                  **sampling_kwargs(recipe))
         stats = statistics(features(images, model))
         rows[folder] = {**{f"cfg {w:g}": frechet_distance(*stats, *refs[w]) for w in args.scales},

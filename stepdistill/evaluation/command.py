@@ -38,13 +38,18 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
 
 
 def _miniature(pipe, recipe: dict, args: argparse.Namespace, kwargs: dict) -> dict:
-    from stepdistill.evaluation.miniature import EVAL_SEED, evaluate_pipeline, floors, load_reference
+    from stepdistill.evaluation.miniature import (
+        EVAL_SEED,
+        evaluate_pipeline,
+        floors,
+        load_reference,
+        recipe_sampling,
+    )
     from stepdistill.miniature import get_dataset
 
     dataset = get_dataset(args.preset)
     reference = load_reference(dataset)
-    steps = args.steps or recipe.get("num_inference_steps", 50)
-    guidance = args.guidance if args.guidance is not None else recipe.get("guidance_scale", dataset.guidance)
+    steps, guidance = recipe_sampling(recipe, dataset, args.steps, args.guidance)
     metrics, _ = evaluate_pipeline(pipe, dataset, reference, steps, guidance, args.num_samples or 50,
                                    EVAL_SEED if args.seed is None else args.seed, **kwargs)
     return {"preset": dataset.name, "pipeline": str(args.pipeline), **metrics, "floors": floors(reference),

@@ -131,6 +131,14 @@ def sampling_kwargs(recipe: dict) -> dict:
             if k not in ("guidance_scale", "num_inference_steps")}
 
 
+def recipe_sampling(recipe: dict, dataset: MiniatureDataset, steps: int | None = None,
+                    guidance: float | None = None) -> tuple[int, float]:
+    """Steps and CFG to sample a pipeline folder with: those given, else its export recipe's, else 50 steps at the
+    world's reference CFG (a plain pipeline such as the teacher)."""
+    return (steps or recipe.get("num_inference_steps", 50),
+            guidance if guidance is not None else recipe.get("guidance_scale", dataset.guidance))
+
+
 def evaluate_student(folder: str | Path, teacher: str | MiniatureDataset = "digits", per_class: int = 50,
                      seed: int = EVAL_SEED, teacher_dir: str | Path | None = None, steps: int | None = None,
                      guidance: float | None = None) -> dict:
@@ -141,8 +149,7 @@ def evaluate_student(folder: str | Path, teacher: str | MiniatureDataset = "digi
     dataset = get_dataset(teacher)
     reference = load_reference(dataset, teacher_dir)
     pipe, recipe = load_exported(folder)
-    steps = steps or recipe.get("num_inference_steps", 50)
-    guidance = guidance if guidance is not None else recipe.get("guidance_scale", dataset.guidance)
+    steps, guidance = recipe_sampling(recipe, dataset, steps, guidance)
     metrics, _ = evaluate_pipeline(pipe, dataset, reference, steps, guidance, per_class, seed,
                                    **sampling_kwargs(recipe))
     return {"teacher": dataset.name, "pipeline": str(folder), **metrics, "floors": floors(reference)}
