@@ -5,11 +5,14 @@ evaluation steps and scored by `stepdistill eval --preset
 digits` (FID vs the teacher's 50-step samples). The spread (max - min) of those FIDs per run is the measure (SNOOPI
 v1 Fig. 2 shows SwiftBrush's FID oscillating with a fixed scale). Each run's final export (EMA weights, as the
 preset trains) is scored too: with the presets' settings these are the digits benchmark's VSD and PG-SB rows.
-Writes <out>/stability.json and <out>/stability.md.
+FID vs the real digits is recorded at every evaluation as well (SNOOPI's own axis). Writes <out>/stability.json
+and <out>/stability.md.
 
     python eval/pgsb_stability.py --out runs/pgsb_lr1e-4 --seeds 0 1            # the presets: fixed 2 vs U(1, 3)
     python eval/pgsb_stability.py --out runs/pgsb_lr1e-4_ema --weights ema --seeds 0 1 2
     python eval/pgsb_stability.py --out runs/pgsb_stability --fixed 3 --range 1 5 --set objective.generator_lr=1e-3
+    python eval/pgsb_stability.py --out runs/pgsb_long --weights ema --steps 1000 --every 50 --last 10 \
+        --set objective.real_guidance_draw=batch objective.generator_lr=3e-5
 """
 from __future__ import annotations
 
@@ -60,11 +63,14 @@ def run(name: str, overrides: list[str], args, seed: int) -> dict:
     start = time.perf_counter()
     Trainer(cfg, hooks=[ExportAt(steps, out / "evals", args.weights == "ema")]).train()
     train_s = time.perf_counter() - start
-    fids = {s: digits_fid(out / "evals" / f"step-{s:05d}", args.per_digit)["fid_vs_teacher50"] for s in steps}
+    metrics = {s: digits_fid(out / "evals" / f"step-{s:05d}", args.per_digit) for s in steps}
+    fids = {s: m["fid_vs_teacher50"] for s, m in metrics.items()}
+    reals = {s: m["fid_vs_real"] for s, m in metrics.items()}
     values = list(fids.values())
     final = digits_fid(out / "final", args.per_digit)
     row = {"run": name, "seed": seed, "overrides": overrides, "weights": args.weights, "fid_by_step": fids,
-           "spread": max(values) - min(values),
+           "spread": max(values) - min(values), "fid_vs_real_by_step": reals,
+           "spread_vs_real": max(reals.values()) - min(reals.values()),
            "mean": sum(values) / len(values), "final_ema": {k: final[k] for k in ("prompt_accuracy", "fid_vs_teacher50",
                                                                                 "fid_vs_real")},
            "train_seconds": round(train_s, 1)}
@@ -99,11 +105,14 @@ def main() -> None:
     report = {"rows": rows, "command": " ".join(sys.argv), "total_seconds": round(time.perf_counter() - start, 1)}
     Path(args.out, "stability.json").write_text(json.dumps(report, indent=2))
     lines = ["| guidance | seed | FID vs teacher at steps " + ", ".join(map(str, rows[0]["fid_by_step"]))
-             + f" ({args.weights} weights) | spread (max - min) | mean | final EMA export: FID vs teacher / accuracy |",
-             "|---|---|---|---|---|---|"]
+             + f" ({args.weights} weights) | spread (max - min) | mean | FID vs real at those steps | its spread"
+             " | final EMA export: FID vs teacher / accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['seed']} | " + ", ".join(f"{v:.1f}" for v in r["fid_by_step"].values())
-                     + f" | {r['spread']:.1f} | {r['mean']:.1f} | {r['final_ema']['fid_vs_teacher50']:.1f} / "
+                     + f" | {r['spread']:.1f} | {r['mean']:.1f} | "
+                     + ", ".join(f"{v:.1f}" for v in r["fid_vs_real_by_step"].values())
+                     + f" | {r['spread_vs_real']:.1f} | {r['final_ema']['fid_vs_teacher50']:.1f} / "
                      f"{r['final_ema']['prompt_accuracy']:.3f} |")
     Path(args.out, "stability.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
