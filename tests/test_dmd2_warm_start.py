@@ -71,11 +71,12 @@ def test_digits_warm_gan_preset_is_the_measured_gan_stage(tmp_path):
     stages = {s.name: s for s in plan_stages(tree)}
     regression, gan = (stage_config(stages[name], stages) for name in ("regression", "dmd2_gan"))
     assert (regression.objective.pairs.num, regression.objective.pairs.steps, regression.train.max_steps) == (4000, 20,
-                                                                                                            1800)
+                                                                                                            2400)
     assert gan.objective.name == "dmd2" and gan.student.init == str(tmp_path / "regression" / "final")
     assert gan.objective.pairs.dir == str(tmp_path / "regression" / "pairs")  # the regression stage's cache, reused
     assert (gan.objective.pairs.num, gan.objective.pairs.steps) == (4000, 20)
     assert gan.objective.real_data == "images" and gan.data.image_dir == "runs/real_digits"
     assert (gan.objective.regression_weight, gan.objective.gan_generator_weight, gan.objective.gan_critic_weight) == (
-        1.0, 3e-2, 1e-1)
-    assert (gan.objective.generator_lr, gan.objective.real_guidance, gan.train.max_steps) == (5e-5, 2.0, 600)
+        1.0, 2e-2, 1e-1)
+    assert (gan.objective.generator_lr, gan.objective.real_guidance, gan.train.max_steps) == (5e-5, 2.1, 600)
+    assert gan.train.lr_scheduler == "linear" and regression.train.lr_scheduler == "constant_with_warmup"
