@@ -78,8 +78,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps({"world": args.world, "seeds": args.seeds, "rows": rows}, indent=1))
-    (out / "seeds.md").write_text(table(rows, args.seeds, "teacher 4-step"))
-    print(table(rows, args.seeds, "teacher 4-step"))
+    markdown = table(rows, args.seeds, "teacher 4-step")
+    (out / "seeds.md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":
