@@ -197,3 +197,33 @@ def test_critic_null_dropout_guidance_and_alpha2_weighting():
         out = obj.teacher.guided_output(x_t, t, cond, kappa, net=obj.critic.fake_score)
         alpha = schedule.alpha_sigma(t)[0].float()[:, None]
         torch.testing.assert_close(loss, ((alpha * (out - eps)) ** 2).mean())
+
+
+def test_generator_null_prob_samples_the_null_prompt_and_matches_the_unguided_real_score():
+    """generator_null_prob draws that share of generator samples (on generator and critic steps alike) for the null
+    condition; for those the guided real score is the teacher's unguided null prediction, whatever real_guidance."""
+    obj = objective("configs/dmd2_gmm.yaml", ["teacher.num_classes=4", "objective.real_guidance=3.0",
+                                              "objective.generator_null_prob=0.3"])
+    seen = []
+    forward = obj.generator.forward
+
+    def spy(x, cond, t):
+        seen.append(cond.fields["class_labels"].clone())
+        return forward(x, cond, t)
+
+    obj.generator.forward = spy
+    batch = {"cond_index": torch.arange(2000) % len(obj.source)}
+    obj.loss("critic", batch, 1)
+    obj.loss("generator", batch, 2)
+    for labels in seen:
+        assert 0.26 < (labels == 4).float().mean() < 0.34
+    null = obj.source.encode(torch.zeros(64, dtype=torch.long)).dropped(torch.ones(64, dtype=torch.bool))
+    x_t, t = torch.randn(64, 2), torch.full((64,), 500)
+    unguided = obj.teacher.predict(x_t, t, null, 1.0, dtype=torch.float64).x0
+    torch.testing.assert_close(obj.real_x0(x_t, t, null), unguided)
+
+
+def test_generator_null_prob_with_a_gan_is_refused():
+    with pytest.raises(ConfigError, match="generator_null_prob"):
+        objective("configs/dmd2_gmm.yaml", ["teacher.num_classes=4", "objective.generator_null_prob=0.1",
+                                            "objective.real_data=mixture"])

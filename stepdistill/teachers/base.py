@@ -46,6 +46,14 @@ class Cond:
         return Cond({k: move(v) for k, v in self.fields.items()}, {k: move(v) for k, v in self.null.items()},
                     self.batch_size)
 
+    def dropped(self, drop: Tensor) -> Cond:
+        """This conditioning with the samples where `drop` [N] is true conditioned on the null prompt instead."""
+        fields = {}
+        for k, v in self.fields.items():
+            mask = drop.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))
+            fields[k] = torch.where(mask, self.null[k], v)
+        return Cond(fields, self.null, self.batch_size)
+
     def with_null(self) -> dict[str, Tensor]:
         """[null; fields] concatenated along the batch: the inputs of one guided forward pass."""
         return _cat_fields([self.null, self.fields]) if self.fields else {}

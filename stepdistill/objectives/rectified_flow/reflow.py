@@ -24,7 +24,7 @@ from stepdistill.objectives.base import ObjectiveConfig
 from stepdistill.objectives.teacher_pairs import TeacherPairsObjective
 from stepdistill.students import student_schedule
 from stepdistill.students.flow import FlowGenerator
-from stepdistill.teachers.base import Cond, Teacher
+from stepdistill.teachers.base import Teacher
 
 
 @dataclass
@@ -47,15 +47,6 @@ class ReflowConfig(ObjectiveConfig):
 
     RANGES = {"lr": ">0", "weight_decay": ">=0", "max_grad_norm": ">0", "cond_dropout": "[0,1)",
               "anneal_steps": ">=0", "sample_steps": ">=1", "sample_guidance": ">=1"}
-
-
-def drop_conditions(cond: Cond, drop: Tensor) -> Cond:
-    """`cond` with the samples where `drop` is true conditioned on the null prompt instead."""
-    fields = {}
-    for k, v in cond.fields.items():
-        mask = drop.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))
-        fields[k] = torch.where(mask, cond.null[k], v)
-    return Cond(fields, cond.null, cond.batch_size)
 
 
 def flow_student_schedule(teacher: Teacher, student_cfg):
@@ -107,7 +98,7 @@ class Reflow(TeacherPairsObjective):
     def loss(self, phase: str, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         cond = self.source.encode(batch["cond_index"]).to(self.device)
         if self.config.cond_dropout > 0 and cond.fields:
-            cond = drop_conditions(cond, torch.rand(len(cond)) < self.config.cond_dropout)
+            cond = cond.dropped(torch.rand(len(cond)) < self.config.cond_dropout)
         x = batch["x0"].to(self.device, torch.float32)
         z = self.coupling_noise(batch["noise"].to(self.device, torch.float32), step)
         t = self.generator.schedule.sample_timesteps(len(x), 0.0, 1.0, self.device)

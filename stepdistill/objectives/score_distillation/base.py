@@ -48,6 +48,10 @@ class ScoreDistillationConfig(ObjectiveConfig):
     fake_guidance: str = "none"
     critic_guidance: float = 1.0  # CFG of the fake score's output in its own denoising loss (SiD-LSG's kappa_1)
     critic_null_prob: float = 0.0  # conditions dropped to the null one in the critic's loss (SwiftBrush: 0.1)
+    # generator samples drawn for the null prompt: the student keeps the teacher's unconditional mode (what
+    # prompt="" samples, and what a negative prompt steers away from). Not in the papers, whose students see
+    # millions of captions; 0 leaves the prompt pool as it is
+    generator_null_prob: float = 0.0
     # the critic's sample on a generator step: a fresh one after the generator's update (fresh), or the generator's
     # own, drawn before its update (reuse: the official DMD2 `train_one_step`). Fresh by default: measured on the
     # GMM bench (dmd2_gmm, seed 0), reuse reaches SW2 0.142 / precision 0.59 against fresh's 0.084 / 0.68
@@ -63,6 +67,7 @@ class ScoreDistillationConfig(ObjectiveConfig):
               "critic_updates": ">=1", "real_guidance": ">=0", "min_step": "[0,1]", "max_step": "[0,1]",
               "critic_lora_rank": ">=1", "gan_generator_weight": ">=0", "gan_critic_weight": ">=0",
               "gan_max_step": "(0,1]", "critic_guidance": ">=0", "critic_null_prob": "[0,1]",
+              "generator_null_prob": "[0,1)",
               "critic_lora_alpha": ">=0"}
 
 
@@ -81,6 +86,10 @@ class ScoreDistillation(Objective):
         if config.min_step > config.max_step:
             raise ConfigError(f"objective.min_step ({config.min_step}) must not exceed objective.max_step "
                               f"({config.max_step})")
+        if config.generator_null_prob > 0 and config.real_data:
+            raise ConfigError("objective.generator_null_prob with the GAN term (objective.real_data) is not "
+                              "supported: the discriminator would tell the null-prompt samples apart by their "
+                              "condition alone; set objective.generator_null_prob=0 or objective.real_data=''")
         self.real: RealSamples | None = None
         if config.real_data == "mixture":
             self.real = RealSamples("mixture", teacher)
@@ -185,16 +194,17 @@ class ScoreDistillation(Objective):
         guidance = self.real_guidance(len(cond), x_t.device)
         return self.real_x0(x_t, t, cond, guidance), self.fake_x0(x_t, t, cond, guidance)
 
+    @staticmethod
+    def null_with_prob(cond: Cond, p: float) -> Cond:
+        """`cond` with each sample's condition replaced by the null one with probability p."""
+        if p == 0 or not cond.fields:
+            return cond
+        return cond.dropped(torch.rand(len(cond), device=next(iter(cond.fields.values())).device) < p)
+
     def critic_condition(self, cond: Cond) -> Cond:
         """The critic's training condition: each sample's replaced by the null condition with probability
         critic_null_prob, so that the fake score's null branch (which its guidance uses) is trained too."""
-        p = self.config.critic_null_prob
-        if p == 0 or not cond.fields:
-            return cond
-        drop = torch.rand(len(cond), device=next(iter(cond.fields.values())).device) < p
-        fields = {k: torch.where(drop.reshape(-1, *([1] * (v.ndim - 1))), cond.null[k], v)
-                  for k, v in cond.fields.items()}
-        return Cond(fields, cond.null, len(cond))
+        return self.null_with_prob(cond, self.config.critic_null_prob)
 
     def gan_timesteps(self, n: int, device: torch.device) -> Tensor:
         T = self.teacher.schedule.num_train_timesteps
@@ -210,7 +220,8 @@ class ScoreDistillation(Objective):
             _, x, cond = self._sample
             self._sample = None
             return self.critic_loss(x, cond)
-        cond = self.source.encode(batch["cond_index"]).to(self.device)
+        cond = self.null_with_prob(self.source.encode(batch["cond_index"]).to(self.device),
+                                   self.config.generator_null_prob)
         noise = self.noise(len(cond))
         k = self.sampled_step(step)
         x_in = self.generator_input(noise, cond, k)
