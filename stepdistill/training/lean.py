@@ -3,6 +3,8 @@ losses and optimizer groups, without the trainer's I/O (checkpoints, logs, previ
 steps of a tiny MLP then take seconds on one thread."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from stepdistill.config import load_config
@@ -16,9 +18,10 @@ def build(config: str, overrides: list[str], seed: int = 0) -> Objective:
     return build_objective(load_config(config, overrides), "cpu")
 
 
-def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0, lr_scheduler: str = "constant"
-             ) -> Objective:
-    """Run `steps` training steps: each phase the objective schedules does loss, backward, clip, step."""
+def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0, lr_scheduler: str = "constant",
+             after_step: Callable[[int], None] | None = None) -> Objective:
+    """Run `steps` training steps: each phase the objective schedules does loss, backward, clip, step; then
+    `after_step(number of steps done)`, e.g. an evaluation every N steps."""
     from diffusers.optimization import get_scheduler
 
     groups = {g.name: g for g in objective.optimizer_groups()}
@@ -46,4 +49,6 @@ def optimize(objective: Objective, steps: int, batch_size: int, seed: int = 0, l
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             objective.after_step(phase, step)
+        if after_step is not None:
+            after_step(step + 1)
     return objective
