@@ -54,6 +54,13 @@ class Cond:
             fields[k] = torch.where(mask, self.null[k], v)
         return Cond(fields, self.null, self.batch_size)
 
+    def null_with_prob(self, p: float) -> Cond:
+        """This conditioning with each sample's condition replaced by the null one with probability p (prompt
+        dropout), drawn on the conditioning's device."""
+        if p == 0 or not self.fields:
+            return self
+        return self.dropped(torch.rand(self.batch_size, device=next(iter(self.fields.values())).device) < p)
+
     def with_null(self) -> dict[str, Tensor]:
         """[null; fields] concatenated along the batch: the inputs of one guided forward pass."""
         return _cat_fields([self.null, self.fields]) if self.fields else {}

@@ -97,8 +97,7 @@ class Reflow(TeacherPairsObjective):
 
     def loss(self, phase: str, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         cond = self.source.encode(batch["cond_index"]).to(self.device)
-        if self.config.cond_dropout > 0 and cond.fields:
-            cond = cond.dropped(torch.rand(len(cond)) < self.config.cond_dropout)
+        cond = cond.null_with_prob(self.config.cond_dropout)
         x = batch["x0"].to(self.device, torch.float32)
         z = self.coupling_noise(batch["noise"].to(self.device, torch.float32), step)
         t = self.generator.schedule.sample_timesteps(len(x), 0.0, 1.0, self.device)

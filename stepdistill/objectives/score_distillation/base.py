@@ -194,17 +194,10 @@ class ScoreDistillation(Objective):
         guidance = self.real_guidance(len(cond), x_t.device)
         return self.real_x0(x_t, t, cond, guidance), self.fake_x0(x_t, t, cond, guidance)
 
-    @staticmethod
-    def null_with_prob(cond: Cond, p: float) -> Cond:
-        """`cond` with each sample's condition replaced by the null one with probability p."""
-        if p == 0 or not cond.fields:
-            return cond
-        return cond.dropped(torch.rand(len(cond), device=next(iter(cond.fields.values())).device) < p)
-
     def critic_condition(self, cond: Cond) -> Cond:
         """The critic's training condition: each sample's replaced by the null condition with probability
         critic_null_prob, so that the fake score's null branch (which its guidance uses) is trained too."""
-        return self.null_with_prob(cond, self.config.critic_null_prob)
+        return cond.null_with_prob(self.config.critic_null_prob)
 
     def gan_timesteps(self, n: int, device: torch.device) -> Tensor:
         T = self.teacher.schedule.num_train_timesteps
@@ -220,8 +213,7 @@ class ScoreDistillation(Objective):
             _, x, cond = self._sample
             self._sample = None
             return self.critic_loss(x, cond)
-        cond = self.null_with_prob(self.source.encode(batch["cond_index"]).to(self.device),
-                                   self.config.generator_null_prob)
+        cond = self.source.encode(batch["cond_index"]).to(self.device).null_with_prob(self.config.generator_null_prob)
         noise = self.noise(len(cond))
         k = self.sampled_step(step)
         x_in = self.generator_input(noise, cond, k)
