@@ -5,11 +5,14 @@ Every schedule here is written as x_t = alpha_t * x0 + sigma_t * eps:
     a fractional t interpolates the Karras sigma sqrt((1-abar)/abar) linearly, as diffusers' Euler scheduler does.
   * flow matching (SD3-style rectified flow): sigma = t / T, alpha = 1 - sigma, with the resolution shift
     sigma' = shift * sigma / (1 + (shift - 1) * sigma) applied where timesteps are chosen (grids, sampling).
+    Flux's dynamic shifting is this shift with shift = exp(mu), mu linear in the image's token count
+    (`resolution_shift`), so a Flux schedule is a flow schedule built for one resolution.
 Model outputs are one of `epsilon`, `v_prediction` (v = alpha*eps - sigma*x0), `sample` (x0) or `flow`
 (velocity u = eps - x0). All conversions are affine in the output, so guidance may be combined on raw outputs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -18,6 +21,19 @@ from torch import Tensor
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+InferenceGrid = Literal["scheduler", "flux"]
+
+
+def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                     max_shift: float = 1.15, time_shift_type: str = "exponential") -> float:
+    """The flow shift of a dynamically shifted scheduler at `image_seq_len` tokens (Flux: latent h/2 * w/2).
+    mu interpolates linearly from base_shift at base_seq_len to max_shift at max_seq_len (diffusers'
+    `calculate_shift`, defaults of FLUX.1-dev's scheduler config); the time shift exp(mu) / (exp(mu) + 1/s - 1) is
+    the fixed shift exp(mu) (mu itself for time_shift_type "linear")."""
+    mu = base_shift + (max_shift - base_shift) * (image_seq_len - base_seq_len) / (max_seq_len - base_seq_len)
+    if time_shift_type not in ("exponential", "linear"):
+        raise ValueError(f"time_shift_type {time_shift_type!r} is not 'exponential' or 'linear'")
+    return math.exp(mu) if time_shift_type == "exponential" else mu
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -34,6 +50,9 @@ class NoiseSchedule:
     num_train_timesteps: int = 1000
     alphas_cumprod: Tensor | None = None  # float64 [T], VP only
     shift: float = 1.0  # flow only
+    # flow only: an n-step sampler's sigmas before the shift: linspace(1, shift^-1(1/T)) as the FlowMatch
+    # scheduler's own set_timesteps(n) (SD3), or linspace(1, 1/n) as FluxPipeline passes them
+    inference_grid: InferenceGrid = "scheduler"
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -70,24 +89,31 @@ class NoiseSchedule:
         )
 
     @classmethod
-    def flow(cls, shift: float = 3.0, num_train_timesteps: int = 1000) -> "NoiseSchedule":
+    def flow(cls, shift: float = 3.0, num_train_timesteps: int = 1000,
+             inference_grid: InferenceGrid = "scheduler") -> "NoiseSchedule":
         """SD3's default: shift 3.0, velocity prediction."""
-        return cls("flow", "flow", num_train_timesteps, shift=shift)
+        return cls("flow", "flow", num_train_timesteps, shift=shift, inference_grid=inference_grid)
 
     @classmethod
-    def from_scheduler_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
-        """Build from a diffusers scheduler config (dict or FrozenDict); betas come from diffusers itself."""
+    def from_scheduler_config(cls, config: Mapping[str, Any], image_seq_len: int | None = None,
+                              inference_grid: InferenceGrid = "scheduler") -> "NoiseSchedule":
+        """Build from a diffusers scheduler config (dict or FrozenDict); betas come from diffusers itself. A flow
+        scheduler with use_dynamic_shifting (Flux) needs the image's token count `image_seq_len`."""
         from diffusers import DDPMScheduler
 
         config = dict(config)
         name = str(config.get("_class_name", ""))
         if "FlowMatch" in name or ("shift" in config and "beta_start" not in config):
-            if config.get("use_dynamic_shifting"):
-                raise ValueError(
-                    f"{name} with use_dynamic_shifting=True (resolution-dependent shift, Flux-style) is not "
-                    "supported: set a fixed `shift` in the scheduler config"
-                )
-            return cls.flow(float(config.get("shift", 1.0)), int(config.get("num_train_timesteps", 1000)))
+            num_train = int(config.get("num_train_timesteps", 1000))
+            if not config.get("use_dynamic_shifting"):
+                return cls.flow(float(config.get("shift", 1.0)), num_train, inference_grid)
+            if image_seq_len is None:
+                raise ValueError(f"{name} with use_dynamic_shifting=True shifts by resolution: pass image_seq_len "
+                                 "(the image's token count) or set a fixed `shift` in the scheduler config")
+            keys = ("base_seq_len", "max_seq_len", "base_shift", "max_shift", "time_shift_type")
+            names = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift", "time_shift_type")
+            args = {k: config[n] for k, n in zip(keys, names) if config.get(n) is not None}
+            return cls.flow(resolution_shift(image_seq_len, **args), num_train, inference_grid)
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "rescale_betas_zero_snr")
         ddpm = DDPMScheduler(**{k: config[k] for k in keys if k in config})
@@ -240,13 +266,17 @@ class NoiseSchedule:
 
     def inference_timesteps(self, num_steps: int) -> list[float]:
         """Timesteps of an n-step sampler starting at pure noise ("trailing" spacing for VP; shifted linspace
-        for flow, as FlowMatchEulerDiscreteScheduler). The final step goes to clean data."""
+        for flow, as FlowMatchEulerDiscreteScheduler or FluxPipeline: `inference_grid`). The final step goes to
+        clean data."""
         T = self.num_train_timesteps
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if self.kind == "vp":
             ts = torch.arange(T, 0, -T / num_steps).round() - 1
             return [int(t) for t in ts]
-        sigma_min = self.shift_sigma(torch.tensor(1.0 / T, dtype=torch.float64))  # diffusers shifts it twice
+        if self.inference_grid == "flux":
+            sigma_min = torch.tensor(1.0 / num_steps, dtype=torch.float64)
+        else:
+            sigma_min = self.shift_sigma(torch.tensor(1.0 / T, dtype=torch.float64))  # diffusers shifts it twice
         sigmas = torch.linspace(1.0, float(sigma_min), num_steps, dtype=torch.float64)
         return [float(t) for t in (self.shift_sigma(sigmas) * T).to(torch.float32)]

@@ -1,4 +1,4 @@
-"""Diffusers-backed teachers on tiny SD1.x, SDXL, PixArt and SD3-style pipelines built offline."""
+"""Diffusers-backed teachers on tiny SD1.x, SDXL, PixArt, SD3-style and Flux pipelines built offline."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +8,13 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from stepdistill.config import TeacherConfig
 from stepdistill.teachers import load_teacher
 from stepdistill.teachers.diffusers_teacher import PixArtTeacher, SD3Teacher, SDTeacher, SDXLTeacher
+from stepdistill.teachers.flux import FluxTeacher
 from stepdistill.teachers.tiny import TINY_KINDS, build_tiny_pipeline, save_tiny_pipeline
 
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-             "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline"}
-TEACHERS = {"sd": SDTeacher, "sdxl": SDXLTeacher, "pixart": PixArtTeacher, "sd3": SD3Teacher}
+             "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+TEACHERS = {"sd": SDTeacher, "sdxl": SDXLTeacher, "pixart": PixArtTeacher, "sd3": SD3Teacher, "flux": FluxTeacher}
+CFG_KINDS = [k for k in TINY_KINDS if k != "flux"]  # Flux-dev embeds its guidance instead (tests/test_flux.py)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_predict_shapes_dtypes_and_prompt_cache(kind, teachers, monkeypatch):
                                atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("kind", CFG_KINDS)
 def test_guidance_in_one_batched_call_equals_two_separate_calls(kind, teachers):
     teacher = teachers[kind]
     cond = teacher.encode(["a cat", "a lighthouse"])

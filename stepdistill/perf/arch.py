@@ -1,5 +1,13 @@
-"""Teachers at real scale with random weights: SD1.5 and SDXL pipelines built from their published architecture
-configs (`assets/arch/*.json`), no download. Speed and memory do not depend on weight values."""
+"""Teachers at real scale with random weights: SD1.5, SD2.1, SDXL, PixArt-alpha, SD3-medium and Flux.1 pipelines
+built from their published architecture configs (`assets/arch/*.json`, each naming the hub files it copies), no
+download. Speed and memory do not depend on weight values.
+
+Build on `torch.device("meta")` for shapes and bytes without memory (the planner). At real size on CPU the text
+encoders are the trouble: T5-XXL alone is 4.7B parameters (19 GB in fp32). `text_encoders="reduced"` builds each
+text encoder with its real output widths (hidden size / d_model, projection and pooled dims) but one layer, a
+narrow attention and MLP and the tiny tokenizer's vocabulary: prompts are encoded once and cached, so the
+conditioning has the real shapes while the backbone and VAE are the real networks.
+"""
 from __future__ import annotations
 
 import json
@@ -7,64 +15,81 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.teachers.diffusers_teacher import DiffusersTeacher, SDTeacher, SDXLTeacher
+from stepdistill.teachers.diffusers_teacher import DiffusersTeacher, detect_kind, teacher_class
+from stepdistill.teachers.tiny import TINY_KINDS
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "assets" / "arch"
-MODELS = ("tiny-sd", "tiny-sdxl", "sd15", "sdxl")
+REAL_MODELS = ("sd15", "sd21", "sdxl", "pixart", "sd3", "flux", "flux-schnell")
+MODELS = tuple(f"tiny-{k}" for k in TINY_KINDS) + REAL_MODELS
+TEXT_ENCODERS = ("full", "reduced")
 
 
 def arch_config(model: str) -> dict:
-    """The architecture JSON of `sd15` or `sdxl`."""
+    """The architecture JSON of a real model (one of REAL_MODELS)."""
+    if model not in REAL_MODELS:
+        raise ValueError(f"model {model!r} has no architecture asset: use one of {REAL_MODELS}")
     return json.loads((ARCH_DIR / f"{model}.json").read_text())
 
 
-def _text_encoder(spec: dict, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _tokenizer(kind: str):
+    from stepdistill.teachers.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    return {"clip": tiny_clip_tokenizer, "t5": tiny_t5_tokenizer}[kind]()
+
+
+def _text_encoder(spec: dict, tokenizer, reduced: bool):
+    """A CLIP or T5 text encoder of `spec` (a published config); `reduced` keeps the output widths only."""
+    import transformers
 
     spec = dict(spec)
-    cls = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}[spec.pop("class")]
-    config = CLIPTextConfig(**spec, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
-    return cls(config)
+    cls = getattr(transformers, spec.pop("_class_name"))
+    if cls is transformers.T5EncoderModel:
+        if reduced:
+            spec.update(num_layers=1, d_ff=64, d_kv=8, num_heads=8, vocab_size=len(tokenizer))
+        return cls(transformers.T5Config(**spec, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    if reduced:
+        spec.update(num_hidden_layers=1, intermediate_size=64, vocab_size=len(tokenizer))
+    return cls(transformers.CLIPTextConfig(**spec, bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
-def build_real_pipeline(model: str):
-    """A random-weight SD1.5 / SDXL pipeline on the current default device (use `with torch.device(...)`).
-    The tokenizer is the byte-level one of the tiny pipelines: prompts are encoded once and cached, so its
-    vocabulary does not change any measured number."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+def build_real_pipeline(model: str, text_encoders: str = "full"):
+    """A random-weight pipeline of `model` (one of REAL_MODELS) on the current default device (use `with
+    torch.device(...)`). Tokenizers are the tiny pipelines' offline ones: prompts are encoded once and cached, so
+    their vocabulary changes no measured number. `text_encoders="reduced"`: see the module docstring."""
+    import diffusers
 
-    from stepdistill.teachers.tiny import _sd_scheduler, tiny_clip_tokenizer
-
+    if text_encoders not in TEXT_ENCODERS:
+        raise ValueError(f"text_encoders={text_encoders!r} is not one of {TEXT_ENCODERS}")
     arch = arch_config(model)
-    unet = UNet2DConditionModel.from_config(arch["unet"])
-    vae = AutoencoderKL.from_config(arch["vae"])
-    tokenizers = [tiny_clip_tokenizer() for _ in arch["text_encoders"]]
-    encoders = [_text_encoder(s, t) for s, t in zip(arch["text_encoders"], tokenizers)]
-    if model == "sd15":
-        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
-                                       scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
-                                     scheduler=_sd_scheduler(), force_zeros_for_empty_prompt=True,
-                                     add_watermarker=False)
+    specs = arch["components"]
+    components: dict = {name: _tokenizer(spec) for name, spec in specs.items() if name.startswith("tokenizer")}
+    for name, spec in specs.items():
+        if name.startswith("text_encoder"):
+            tokenizer = components["tokenizer" + name.removeprefix("text_encoder")]
+            components[name] = _text_encoder(spec, tokenizer, text_encoders == "reduced")
+        elif name == "scheduler":  # its tables stay on the CPU, as diffusers keeps them
+            with torch.device("cpu"):
+                components[name] = getattr(diffusers, spec["_class_name"]).from_config(spec)
+        elif not name.startswith("tokenizer"):
+            components[name] = getattr(diffusers, spec["_class_name"]).from_config(spec)
+    return getattr(diffusers, arch["pipeline"])(**components, **arch["pipeline_args"])
 
 
-def build_teacher(model: str, device: torch.device | str, dtype: torch.dtype) -> DiffusersTeacher:
-    """The SD / SDXL teacher of `model` (one of MODELS) on `device`, backbone and text encoders in `dtype`,
-    VAE in fp32 (as `load_pipeline`). Real sizes are initialized directly on `device` (fast on a GPU)."""
+def build_teacher(model: str, device: torch.device | str, dtype: torch.dtype,
+                  text_encoders: str = "full") -> DiffusersTeacher:
+    """The teacher of `model` (one of MODELS) on `device`, backbone and text encoders in `dtype`, VAE in fp32 (as
+    `load_pipeline`). Real sizes are initialized directly on `device` (fast on a GPU, free on meta)."""
     device = torch.device(device)
-    if model.startswith("tiny-"):
+    if model.startswith("tiny-") and model.removeprefix("tiny-") in TINY_KINDS:
         from stepdistill.teachers.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(model.removeprefix("tiny-"))
-    elif model in ("sd15", "sdxl"):
+    elif model in REAL_MODELS:
         with torch.device(device):
-            pipe = build_real_pipeline(model)
+            pipe = build_real_pipeline(model, text_encoders)
     else:
         raise ValueError(f"model {model!r} is not one of {MODELS}")
     pipe.to(device=device, dtype=dtype)
     pipe.vae.to(torch.float32)
-    cls = SDXLTeacher if "sdxl" in model else SDTeacher
-    return cls(pipe, identity=f"{model}:random", device=device)
+    return teacher_class(detect_kind(pipe))(pipe, identity=f"{model}:random", device=device)

@@ -30,13 +30,13 @@ class RoutedPipeline:
     """K student pipelines sharing every component but their backbone, and the partition that routes prompts."""
 
     def __init__(self, pipelines: list, partition: Partition, recipe: dict | None = None) -> None:
-        from stepdistill.teachers.diffusers_teacher import TEACHERS, detect_kind
+        from stepdistill.teachers.diffusers_teacher import detect_kind, teacher_class
 
         if len(pipelines) != partition.num_parts:
             raise ValueError(f"{len(pipelines)} student pipelines for a partition of {partition.num_parts} parts")
         self.pipelines, self.partition, self.recipe = pipelines, partition, dict(recipe or {})
         # the teacher adapter over the shared text encoders: prompts are embedded exactly as in training
-        self.encoder = TEACHERS[detect_kind(pipelines[0])](pipelines[0], device=pipelines[0].device)
+        self.encoder = teacher_class(detect_kind(pipelines[0]))(pipelines[0], device=pipelines[0].device)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **kwargs) -> RoutedPipeline:

@@ -1,4 +1,5 @@
-"""Teachers backed by diffusers pipelines: SD1.x/2.x and SDXL (UNet), PixArt (DiT) and SD3-style flow transformers.
+"""Teachers backed by diffusers pipelines: SD1.x/2.x and SDXL (UNet), PixArt (DiT) and SD3-style flow transformers
+(Flux.1: flux.py).
 
 Prompts are encoded with the pipeline's own `encode_prompt`, so the conditioning equals what the pipeline feeds
 its backbone; the null prompt is "" (zeros for SDXL with `force_zeros_for_empty_prompt`, as the SDXL pipeline,
@@ -36,12 +37,20 @@ class DiffusersTeacher(Teacher):
                 component.requires_grad_(False).eval()
         self.backbone: nn.Module = getattr(pipe, self.backbone_name)
         self.resolution_multiple = pipe.vae_scale_factor * self._patch_size()
-        self.schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
-        size = self.backbone.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (self.backbone.config.in_channels, height, width)
+        self.sample_shape = self._default_sample_shape()
+        self.schedule = self._schedule()
         self._cache: dict[str, dict[str, Tensor]] = {}  # per prompt string, batch of 1, on CPU
         self._null: dict[str, Tensor] | None = None
+
+    def _default_sample_shape(self) -> tuple[int, int, int]:
+        """One latent at the backbone's native resolution (its config's sample_size)."""
+        size = self.backbone.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return self.backbone.config.in_channels, height, width
+
+    def _schedule(self) -> NoiseSchedule:
+        """The noise schedule of the pipeline's scheduler."""
+        return NoiseSchedule.from_scheduler_config(self.pipe.scheduler.config)
 
     def _patch_size(self) -> int:
         """Latent pixels per backbone token side: the patch size of DiT/MMDiT transformers, 1 for UNets (which
@@ -65,6 +74,11 @@ class DiffusersTeacher(Teacher):
     def _encode_null(self) -> dict[str, Tensor]:
         """Fields of the null (unconditional) prompt, batch of 1: the pipeline's default negative prompt ""."""
         return self._encode([""])
+
+    def fields_like(self, batch_size: int, device: torch.device | str) -> dict[str, Tensor]:
+        """Conditioning fields of this teacher's shapes with random values, without running a text encoder (the
+        memory planner traces with them on the meta device)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str] | str, cache: bool = True) -> Cond:
@@ -130,6 +144,10 @@ class SDTeacher(DiffusersTeacher):
         embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
         return {"encoder_hidden_states": embeds}
 
+    def fields_like(self, batch_size, device):
+        length, width = self.pipe.tokenizer.model_max_length, self.backbone.config.cross_attention_dim
+        return {"encoder_hidden_states": torch.randn(batch_size, length, width, device=device)}
+
     def _forward(self, net, x_t, t, fields):
         return net(x_t, t, encoder_hidden_states=fields["encoder_hidden_states"],
                    timestep_cond=fields.get("timestep_cond"), return_dict=False)[0]
@@ -151,6 +169,13 @@ class SDXLTeacher(DiffusersTeacher):
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": self._time_ids(len(prompts))}
+
+    def fields_like(self, batch_size, device):
+        length, width = self.pipe.tokenizer.model_max_length, self.backbone.config.cross_attention_dim
+        pooled = self.pipe.text_encoder_2.config.projection_dim
+        return {"encoder_hidden_states": torch.randn(batch_size, length, width, device=device),
+                "text_embeds": torch.randn(batch_size, pooled, device=device),
+                "time_ids": self._time_ids(batch_size).to(device)}
 
     def _encode_null(self) -> dict[str, Tensor]:
         fields = self._encode([""])
@@ -176,12 +201,20 @@ class PixArtTeacher(DiffusersTeacher):
         embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=self.device,
                                                      clean_caption=False,
                                                      max_sequence_length=self.max_sequence_length)
-        fields = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
-        if self.backbone.config.sample_size == 128:  # the 1024px models take resolution/aspect-ratio conditions
-            h, w = (s * self.pipe.vae_scale_factor for s in self.sample_shape[1:])
-            fields["resolution"] = torch.tensor([[h, w]], dtype=torch.float32).repeat(len(prompts), 1)
-            fields["aspect_ratio"] = torch.tensor([[h / w]], dtype=torch.float32).repeat(len(prompts), 1)
-        return fields
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, **self._size_fields(len(prompts))}
+
+    def _size_fields(self, n: int) -> dict[str, Tensor]:
+        if self.backbone.config.sample_size != 128:  # the 1024px models take resolution/aspect-ratio conditions
+            return {}
+        h, w = (s * self.pipe.vae_scale_factor for s in self.sample_shape[1:])
+        return {"resolution": torch.tensor([[h, w]], dtype=torch.float32).repeat(n, 1),
+                "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32).repeat(n, 1)}
+
+    def fields_like(self, batch_size, device):
+        length, width = self.max_sequence_length, self.backbone.config.caption_channels
+        return {"encoder_hidden_states": torch.randn(batch_size, length, width, device=device),
+                "encoder_attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
+                **{k: v.to(device) for k, v in self._size_fields(batch_size).items()}}
 
     def _forward(self, net, x_t, t, fields):
         added = {"resolution": fields.get("resolution"), "aspect_ratio": fields.get("aspect_ratio")}
@@ -206,6 +239,13 @@ class SD3Teacher(DiffusersTeacher):
                                                        max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
+    def fields_like(self, batch_size, device):
+        # the CLIP states (77 tokens, zero-padded to the joint width) followed by the T5 states
+        length = self.pipe.tokenizer.model_max_length + self.max_sequence_length
+        config = self.backbone.config
+        return {"encoder_hidden_states": torch.randn(batch_size, length, config.joint_attention_dim, device=device),
+                "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, device=device)}
+
     def _forward(self, net, x_t, t, fields):
         return net(hidden_states=x_t, timestep=t, encoder_hidden_states=fields["encoder_hidden_states"],
                    pooled_projections=fields["pooled_projections"], return_dict=False)[0]
@@ -214,8 +254,17 @@ class SD3Teacher(DiffusersTeacher):
 TEACHERS: dict[str, type[DiffusersTeacher]] = {c.kind: c for c in (SDTeacher, SDXLTeacher, PixArtTeacher, SD3Teacher)}
 
 
+def teacher_class(kind: str) -> type[DiffusersTeacher]:
+    """The adapter of a pipeline kind (detect_kind); Flux's lives in flux.py, which builds on this module."""
+    if kind == "flux":
+        from stepdistill.teachers.flux import FluxTeacher
+
+        return FluxTeacher
+    return TEACHERS[kind]
+
+
 def detect_kind(pipe) -> str:
-    """sd | sdxl | pixart | sd3 from the pipeline's denoiser (its class and added conditioning)."""
+    """sd | sdxl | pixart | sd3 | flux from the pipeline's denoiser (its class and added conditioning)."""
     unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
     if unet is not None and type(unet).__name__ == "UNet2DConditionModel":
         return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
@@ -224,8 +273,11 @@ def detect_kind(pipe) -> str:
         return "pixart"
     if name == "SD3Transformer2DModel":
         return "sd3"
+    if name == "FluxTransformer2DModel":
+        return "flux"
     raise ValueError(f"{type(pipe).__name__} is not a supported teacher: stepdistill handles SD1.x/2.x and SDXL "
-                     "(UNet2DConditionModel), PixArt (PixArtTransformer2DModel) and SD3 (SD3Transformer2DModel)")
+                     "(UNet2DConditionModel), PixArt (PixArtTransformer2DModel), SD3 (SD3Transformer2DModel) and "
+                     "Flux.1 (FluxTransformer2DModel)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -271,7 +323,7 @@ def load_pipeline(path: str, local_files_only: bool = False, revision: str = "",
 
 
 def load_diffusers_teacher(cfg, device: torch.device | str = "cpu") -> DiffusersTeacher:
-    """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|auto) describes, loaded onto `device`."""
+    """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|flux|auto) describes, loaded onto `device`."""
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg.path, cfg.local_files_only, cfg.revision, cfg.variant, dtype, cfg.trust_remote_code)
@@ -281,4 +333,4 @@ def load_diffusers_teacher(cfg, device: torch.device | str = "cpu") -> Diffusers
                          f"({type(pipe).__name__}): set teacher.kind={kind} or teacher.kind=auto")
     pipe.to(device)
     identity = ":".join(x for x in (kind, cfg.path, cfg.revision, cfg.variant, str(dtype).split(".")[-1]) if x)
-    return TEACHERS[kind](pipe, identity, device)
+    return teacher_class(kind)(pipe, identity, device)

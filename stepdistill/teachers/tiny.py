@@ -1,7 +1,7 @@
-"""Tiny SD1.x, SDXL, PixArt and SD3-style diffusers pipelines built from small configs, fully offline.
+"""Tiny SD1.x, SDXL, PixArt, SD3-style and Flux diffusers pipelines built from small configs, fully offline.
 
 They have the real architectures (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel,
-AutoencoderKL, CLIP / T5 text encoders) with a handful of channels, 8x8 latents and tokenizers built locally,
+FluxTransformer2DModel, AutoencoderKL, CLIP / T5 text encoders) with a handful of channels, 8x8 latents and tokenizers built locally,
 so tests exercise the real code paths in seconds and `save_pretrained` / `from_pretrained` round-trip.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd", "sdxl", "pixart", "sd3")
+TINY_KINDS = ("sd", "sdxl", "pixart", "sd3", "flux")
 LATENT_SIZE = 8  # latents are 4 x 8 x 8; the tiny VAE downsamples by 2, so images are 16 x 16
 CLIP_MAX_LENGTH = 77
 
@@ -83,7 +83,7 @@ def _unet(cross_attention_dim: int, **overrides):
 
 
 def build_tiny_pipeline(kind: str, seed: int = 0):
-    """A randomly initialized tiny pipeline of `kind` (sd | sdxl | pixart | sd3), deterministic in `seed`."""
+    """A randomly initialized tiny pipeline of `kind` (sd | sdxl | pixart | sd3 | flux), deterministic in `seed`."""
     if kind not in TINY_KINDS:
         raise ValueError(f"tiny pipeline kind {kind!r} is not one of {TINY_KINDS}")
     with torch.random.fork_rng():
@@ -151,7 +151,29 @@ def _build_sd3():
     )
 
 
-_BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "pixart": _build_pixart, "sd3": _build_sd3}
+def _build_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    # Flux.1-dev's structure: packed 2x2 latents (in_channels = 4 x the VAE's latent channels), double- and
+    # single-stream blocks, rotary axes summing to the head dim, the guidance embedding; pooled = CLIP width,
+    # joint_attention_dim = T5 width.
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )
+    # FLUX.1-dev's scheduler config: the resolution-dependent shift
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        scheduler=scheduler, vae=_vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                                      use_post_quant_conv=False),
+        text_encoder=_clip_text_model(tokenizer), tokenizer=tokenizer, text_encoder_2=_t5_encoder(tokenizer_2, 32),
+        tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+
+
+_BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux}
 
 
 def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0) -> Path:
