@@ -1,4 +1,5 @@
-"""Training entry point for `accelerate launch train/distill.py --config FILE [section.key=value ...]`."""
+"""`accelerate launch train/distill.py --config FILE [section.key=value ...]` from inside the checkout; anywhere
+else (an installed package) the same is `accelerate launch -m stepdistill train --config FILE ...`."""
 import sys
 
 from stepdistill.cli import main

@@ -66,6 +66,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)  # YAML reads 1e-5 (without a dot) as a string
         except ValueError:
             pass
+    if tp is str and isinstance(value, str):
+        return resolve_asset(value, key)
     if tp in (int, float, str, bool):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value
@@ -136,6 +138,24 @@ def build_dataclass(cls: type, data: dict | None, prefix: str) -> Any:
 
 
 PRESETS = Path(__file__).parent.parent / "presets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSET_PREFIX = "asset:"
+
+
+def resolve_asset(value: str, key: str) -> str:
+    """`asset:NAME` as the absolute path of NAME in the package's assets (`asset:digits_teacher`,
+    `asset:configs/digits_prompts.txt`), so the shipped presets run from any working folder of an installed package;
+    any other value is returned as it is (a relative path stays relative to the working folder)."""
+    if not value.startswith(ASSET_PREFIX):
+        return value
+    name = Path(value[len(ASSET_PREFIX):])
+    path = ASSETS / name
+    if name.is_absolute() or ".." in name.parts or not name.parts or not path.exists():
+        shipped = sorted(str(p.relative_to(ASSETS)) for p in [*ASSETS.iterdir(), *(ASSETS / "configs").iterdir()]
+                         if p.name != "configs")
+        choices = ", ".join(ASSET_PREFIX + s for s in shipped)
+        raise ConfigError(f"{key}: {value} names no shipped asset; give one of {choices}, or a path")
+    return str(path)
 
 
 def preset_names() -> list[str]:
