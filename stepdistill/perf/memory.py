@@ -93,15 +93,18 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
+    ema: int = 0  # the generator's EMA copy (train.ema_decay > 0)
+    step_transient: int = 0  # the optimizer step's temporaries; they live after backward freed the activations
     by_module: dict[str, int] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.ema + self.grads + self.optimizer + max(self.activations, self.step_transient)
 
     def as_dict(self) -> dict:
-        gib = {k: round(getattr(self, k) / GiB, 3) for k in ("weights", "grads", "optimizer", "activations")}
+        gib = {k: round(getattr(self, k) / GiB, 3)
+               for k in ("weights", "ema", "grads", "optimizer", "activations", "step_transient")}
         return {**gib, "total": round(self.total / GiB, 3), "unit": "GiB",
                 "by_module": {k: round(v / GiB, 3) for k, v in self.by_module.items()}, "options": self.options}
 
@@ -153,13 +156,24 @@ def _null() -> Iterator[None]:
     yield
 
 
+def optimizer_step_transient(optimizer: str, params: list[int], device_type: str) -> int:
+    """Bytes of the temporaries an optimizer step allocates for a group of parameters (numels `params`). torch's
+    AdamW takes its multi-tensor (foreach) path on CUDA, whose `_foreach_sqrt(exp_avg_sqs)` is one fp32 copy of the
+    whole group; the single-tensor path (CPU) holds two of one parameter's size (sqrt, then the division);
+    fused and 8-bit kernels update in place."""
+    if optimizer != "adamw" or not params:
+        return 0
+    return 4 * sum(params) if device_type == "cuda" else 8 * max(params)
+
+
 def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16",
              gradient_checkpointing: bool = False, optimizer: str = "adamw", shards: int = 1,
-             teacher_offload: bool = False) -> MemoryEstimate:
+             teacher_offload: bool = False, ema: bool = False, device_type: str = "cuda") -> MemoryEstimate:
     """Memory of training `objective` at `batch_size` per GPU with `optimizer` (a train.optimizer choice). With
     `shards` > 1 (FSDP full shard) trainable weights, gradients and optimizer states are divided among the GPUs.
     With `teacher_offload` (teacher.offload) the teacher's backbone weights live in CPU memory: 0 bytes here (the
-    one submodule streamed in at a time is left out)."""
+    one submodule streamed in at a time is left out). `ema` (train.ema_decay > 0) adds the generator's fp32 EMA
+    copy; `device_type` selects the optimizer's code path (its step temporaries)."""
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"optimizer {optimizer!r} is not one of {sorted(OPTIMIZER_BYTES)}")
     if teacher_offload and not separate_teacher(objective):
@@ -184,13 +198,18 @@ def estimate(objective: Objective, batch_size: int, mixed_precision: str = "bf16
     weights = sum(by_module.values())
     sharded = sum(4 * n for n in trainable.values()) * (1 - 1 / shards)
     activations = max(saved_activation_bytes(objective, name, batch_size, mixed_precision) for name in modules)
+    sizes = {name: [p.numel() for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
+    transient = max(optimizer_step_transient(optimizer, n, device_type) for n in sizes.values())
     return MemoryEstimate(
         weights=int(weights - sharded), grads=max(4 * n for n in trainable.values()) // shards,
         optimizer=sum(OPTIMIZER_BYTES[optimizer] * n for n in trainable.values()) // shards, activations=activations,
+        ema=4 * sum(p.numel() for p in objective.generator.backbone.parameters() if p.requires_grad) // shards
+        if ema else 0, step_transient=transient // shards,
         by_module=by_module,
         options={"batch_size": batch_size, "mixed_precision": mixed_precision, "optimizer": optimizer,
                  "gradient_checkpointing": gradient_checkpointing, "fsdp_shards": shards,
-                 "teacher_offload": teacher_offload, "trainable_params": trainable})
+                 "teacher_offload": teacher_offload, "ema": ema, "device": device_type,
+                 "trainable_params": trainable})
 
 
 def separate_teacher(objective: Objective) -> bool:
@@ -250,7 +269,7 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
     mp = "no" if cfg.train.mixed_precision == "no" else "bf16"
     t = cfg.train
     base = {"gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
-            "teacher_offload": cfg.teacher.offload}
+            "teacher_offload": cfg.teacher.offload, "ema": t.ema_decay > 0}
     ckpt = {**base, "gradient_checkpointing": True}
     set_ckpt = ["train.gradient_checkpointing=true"]
     candidates: list[tuple[str, Config, dict, list[str]]] = [  # (name, config, estimate options, keys to set)
