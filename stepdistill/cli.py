@@ -1,4 +1,4 @@
-"""Command line: stepdistill demo | train | sample | export | eval | plan | bench | teacher.
+"""Command line: stepdistill demo | train | sample | export | eval | plan | bench | teacher | prompts.
 
 Building the parser imports no torch, so `--help` answers at once; each command imports what it needs. Every
 failure is one line on stderr naming the file or key and the fix, and the exit code says what kind it was:
@@ -122,6 +122,13 @@ def build_parser() -> Parser:
     p.add_argument("--preset", choices=["tiny", "h100"], default="tiny")
     p.add_argument("--out", default="runs/speed", help="folder for speed.json and speed.md")
     p.add_argument("--objectives", nargs="+", default=None, choices=["dmd2", "lcm", "regression"])
+    p = command("prompts", "a prompts file (data.prompts_file) from COCO captions JSON, a CSV/Parquet captions "
+                "column (LAION: TEXT), JSON lines or text")
+    p.add_argument("source", help="captions_train2014.json, a .csv/.tsv/.parquet table, a .jsonl or a text file")
+    p.add_argument("--out", required=True, help="the prompts file to write (one prompt per line; must not exist)")
+    p.add_argument("--column", default=None, help="the captions column of a table (default: TEXT, caption, text)")
+    p.add_argument("--max", type=COUNT, default=None, dest="limit", help="keep this many, a seeded random subset")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the --max subset")
     return parser
 
 
@@ -213,8 +220,18 @@ def _bench(args: argparse.Namespace) -> dict:
     return run_and_write(args.preset, args.objectives, out, command)
 
 
+def _prompts(args: argparse.Namespace) -> dict:
+    from stepdistill.config import ConfigError
+
+    if Path(args.out).exists():
+        raise ConfigError(f"--out {args.out} exists: give a new file name (an existing file is never replaced)")
+    from stepdistill.data.captions import write_prompts
+
+    return write_prompts(args.source, args.out, args.column, args.limit, args.seed)
+
+
 COMMANDS = {"train": _train, "sample": _sample, "export": _export, "teacher": _teacher, "demo": _demo,
-            "eval": _eval, "plan": _plan, "bench": _bench}
+            "eval": _eval, "plan": _plan, "bench": _bench, "prompts": _prompts}
 
 
 # ---------------------------------------------------------------------------------------------- output
