@@ -1,4 +1,4 @@
-"""Command line: stepdistill demo | train | sample | export | eval | plan | bench | teacher | prompts.
+"""Command line: stepdistill demo | train | pairs | sample | export | eval | plan | bench | teacher | prompts.
 
 Building the parser imports no torch, so `--help` answers at once; each command imports what it needs. Every
 failure is one line on stderr naming the file or key and the fix, and the exit code says what kind it was:
@@ -66,6 +66,12 @@ def build_parser() -> Parser:
                    help="run only this stage of a recipe (repeatable; a fan-out's name: all its stages), e.g. one "
                         "launch per GPU group")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+    p = command("pairs", "cache a config's teacher pairs ahead of training, split across the processes of "
+                "`accelerate launch -m stepdistill pairs ...`; a stopped run continues with the missing shards")
+    p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
+    p.add_argument("--shard-size", type=COUNT, default=8192, help="pairs per shard file, the unit of work (8192)")
+    p.add_argument("--batch-size", type=COUNT, default=1024, help="pairs per teacher batch (1024)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.pairs.num=100000")
     p = command("sample", "images from an exported student or a pipeline folder, with a labelled grid")
     p.add_argument("export", help="an exported student (final/) or a diffusers pipeline folder")
     p.add_argument("prompts", nargs="*", help="prompts (class indices for a class-conditional analytic teacher)")
@@ -160,6 +166,19 @@ def _train(args: argparse.Namespace) -> dict:
         raise
 
 
+def _pairs(args: argparse.Namespace) -> dict:
+    from stepdistill.config import ConfigError, check_before_import, config_from_dict, load_config_tree
+
+    tree = load_config_tree(args.config, args.overrides)
+    if tree.get("recipe"):
+        raise ConfigError("`pairs` caches the pairs of one training, and this config is a recipe of stages: give "
+                          "the config of the stage that uses pairs")
+    check_before_import(tree)
+    from stepdistill.training.pairs import cache_pairs
+
+    return cache_pairs(config_from_dict(tree), args.shard_size, args.batch_size)
+
+
 def _sample(args: argparse.Namespace) -> dict:
     from stepdistill.sample import sample
 
@@ -230,7 +249,7 @@ def _prompts(args: argparse.Namespace) -> dict:
     return write_prompts(args.source, args.out, args.column, args.limit, args.seed)
 
 
-COMMANDS = {"train": _train, "sample": _sample, "export": _export, "teacher": _teacher, "demo": _demo,
+COMMANDS = {"train": _train, "pairs": _pairs, "sample": _sample, "export": _export, "teacher": _teacher, "demo": _demo,
             "eval": _eval, "plan": _plan, "bench": _bench, "prompts": _prompts}
 
 

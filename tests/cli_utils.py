@@ -2,9 +2,12 @@
 and checking that a failure is one line naming its culprit, with the documented exit code."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +27,24 @@ def cli_env(**extra: str) -> dict:
 
 def cli_command(*args: object) -> list[str]:
     return [sys.executable, "-m", "stepdistill", *map(str, args)]
+
+
+# Execs the command it is given with SIGINT at its default: a caller that ignores SIGINT (a shell's background job
+# starts so) passes that on, and Python turns only a default SIGINT into KeyboardInterrupt. (A preexec_fn would do
+# the same between fork and exec, which is unsafe in a process with threads.)
+DEFAULT_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], **popen) -> Iterator[subprocess.Popen]:
+    """A process for a test to signal: SIGINT at its default, in a session of its own, and killed with everything
+    it started when the block ends while it still runs (a failed test leaves nothing behind)."""
+    with subprocess.Popen([sys.executable, "-c", DEFAULT_SIGINT, *cmd], start_new_session=True, **popen) as proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_cli(*args: object, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from cli_utils import (
     cli_command,
     cli_env,
     run_cli,
+    started,
 )
 from PIL import Image
 from reliability_utils import make_trainer, tiny_tree, write_config
@@ -159,20 +160,23 @@ def test_full_disk_is_one_line_saying_what_was_saved(tmp_path):
     assert not [name for name in left if name.startswith(".tmp")]  # the partial checkpoint was removed
 
 
-def test_ctrl_c_during_pair_generation_leaves_no_partial_cache(tmp_path):
+def test_ctrl_c_during_pair_generation_keeps_only_finished_shards(tmp_path):
+    """The cache appears only when complete; finished shards stay in pairs.partial for the next run to continue
+    from (tests/test_distributed_pairs.py), and no half-written shard is left."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli_command("train", "--config", "regression_gmm", "objective.pairs.num=5000000",
-                                        f"train.output_dir={out}"), cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "pairs.tmp").is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # inside the teacher's sampler
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    with started(cli_command("train", "--config", "regression_gmm", "objective.pairs.num=5000000",
+                             f"train.output_dir={out}"), cwd=tmp_path, env=cli_env(),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 300
+        while not (out / "pairs.partial").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # inside the teacher's sampler
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
     assert_fails(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), 130,
                  "interrupted (Ctrl-C)", "no checkpoint was written", "temporary files were removed")
-    assert not (out / "pairs.tmp").exists() and not (out / "pairs").exists()
+    assert not (out / "pairs").exists() and not list((out / "pairs.partial").glob(".*.tmp"))
+    assert "shards are finished in" in stderr
 
 
 def test_help_imports_no_torch_and_version_answers(tmp_path):
@@ -190,12 +194,11 @@ def test_ctrl_c_in_demo_is_one_line_saying_what_was_saved(tmp_path):
     """Ctrl-C in `demo` used to save a checkpoint and then print a RuntimeError traceback with exit 1. The demo is a
     recipe (regression, then DMD2): the stopped stage says where it saved and that the same command continues."""
     log = tmp_path / "stderr.txt"
-    with log.open("w") as stderr:  # the progress bars (on) say when the training loop runs
-        proc = subprocess.Popen(cli_command("demo", "train.max_steps=100000", "train.checkpoint_every=100000",
-                                            "objective.pairs.num=64", "objective.pairs.steps=2"),
-                                cwd=tmp_path, env=cli_env(TQDM_DISABLE=None), stdout=subprocess.PIPE,
-                                stderr=stderr, text=True)
-        deadline = time.monotonic() + 300
+    command = cli_command("demo", "train.max_steps=100000", "train.checkpoint_every=100000", "objective.pairs.num=64",
+                          "objective.pairs.steps=2")
+    with log.open("w") as stderr, started(command, cwd=tmp_path, env=cli_env(TQDM_DISABLE=None),
+                                          stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
+        deadline = time.monotonic() + 300  # the progress bars (on) say when the training loop runs
         while "step/s" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)

@@ -1,18 +1,21 @@
 """What a newcomer types, from a folder outside the checkout: every shipped preset passes its checks (the shipped
 teacher and prompts resolve from the package as `asset:NAME`, a user's relative paths stay relative to the working
 folder), a digits preset trains through the command line, and the README's `accelerate launch -m stepdistill`
-command runs."""
+command runs. And the tests' own processes: a child takes Ctrl-C whatever the caller's SIGINT, and dies with the
+test that started it."""
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from cli_utils import REPO, cli_env, run_cli
+from cli_utils import REPO, cli_env, run_cli, started
 from preset_preflight import preflight
 
 import stepdistill
@@ -68,6 +71,22 @@ def test_a_digits_preset_trains_from_another_folder_through_the_cli(tmp_path):
     assert saved["teacher"]["path"] == str(ASSETS / "digits_teacher")
 
 
+def _code_block(readme: str, section: str) -> list[str]:
+    """The lines of the first ```bash block under the README's `## {section}` heading."""
+    body = readme.split(f"\n## {section}\n", 1)[1]
+    return body.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+
+
+def test_ci_runs_the_readme_install_and_test_lines_in_a_fresh_venv():
+    readme = (REPO / "README.md").read_text()
+    install, test = _code_block(readme, "Install"), _code_block(readme, "Test")
+    assert len(install) == len(test) == 1
+    assert install[0].startswith("python -m venv .venv && . .venv/bin/activate && ")  # not the caller's interpreter
+    assert test[0].startswith(". .venv/bin/activate && ")
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert ci.index(install[0]) < ci.index(test[0])  # verbatim, in that order
+
+
 def test_the_readme_accelerate_command_runs_from_another_folder(tmp_path):
     """The multi-process command the README documents (`accelerate launch -m stepdistill train ...`): a module of
     the installed package, so it runs from any folder, unlike a script path inside the checkout."""
@@ -80,3 +99,35 @@ def test_the_readme_accelerate_command_runs_from_another_folder(tmp_path):
                           env=cli_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "module" / "final" / "student.json").is_file()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_started_children_take_ctrl_c_and_die_with_a_failed_test():
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+    try:
+        with started([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True) as proc:
+            out, _ = proc.communicate(timeout=120)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert out.strip() == "True"  # Ctrl-C raises KeyboardInterrupt in the child
+
+    family = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(600)']); print(child.pid, flush=True); time.sleep(600)")
+    with pytest.raises(RuntimeError), started([sys.executable, "-c", family], stdout=subprocess.PIPE,
+                                              text=True) as proc:
+        grandchild = int(proc.stdout.readline())
+        raise RuntimeError("the test failed here")
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 60  # a bound for the reaper, not a timing assertion
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)

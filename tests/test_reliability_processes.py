@@ -2,6 +2,7 @@
 and a 2-process CPU run under `accelerate launch` (gloo)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from cli_utils import started
 from reliability_utils import (
     PAUSE_ENV,
     assert_same,
@@ -37,21 +40,22 @@ def _env(**extra) -> dict:
     return env
 
 
-def _start_paused(tree: dict, tmp_path: Path, pause: str) -> subprocess.Popen:
-    """`stepdistill train` in a subprocess that stops at `pause` (reliability_utils.PauseAt) and waits there."""
+@contextlib.contextmanager
+def _started_paused(tree: dict, tmp_path: Path, pause: str) -> Iterator[subprocess.Popen]:
+    """`stepdistill train` in a subprocess that stops at `pause` (reliability_utils.PauseAt) and waits there; killed
+    when the block ends while it still runs."""
     config = write_config(tree, tmp_path / "run.yaml")
     launcher = "import sys, reliability_utils; sys.exit(reliability_utils.cli_with_pause())"
-    proc = subprocess.Popen([sys.executable, "-c", launcher, "train", "--config", str(config)],
-                            cwd=REPO, env=_env(**{PAUSE_ENV: pause}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    marker = Path(tree["train"]["output_dir"]) / "paused"
-    deadline = time.monotonic() + 240  # a bound against hangs, not a timing assertion
-    while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"the run never paused at {pause}: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.05)
-    return proc
+    with started([sys.executable, "-c", launcher, "train", "--config", str(config)], cwd=REPO,
+                 env=_env(**{PAUSE_ENV: pause}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        marker = Path(tree["train"]["output_dir"]) / "paused"
+        deadline = time.monotonic() + 240  # a bound against hangs, not a timing assertion
+        while not marker.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"the run never paused at {pause}: {proc.communicate()[1][-2000:]}")
+            time.sleep(0.05)
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +69,9 @@ def reference(tmp_path_factory):
 
 def test_sigkill_during_checkpoint_write_then_resume(reference, tmp_path, caplog):
     out = tmp_path / "run"
-    proc = _start_paused(tiny_tree(out), tmp_path, "save:10")  # checkpoint-10 fully written, not yet renamed
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with _started_paused(tiny_tree(out), tmp_path, "save:10") as proc:  # checkpoint-10 written, not yet renamed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint_steps(out) == [5]
     assert (out / "checkpoints" / ".tmp-checkpoint-10" / "trainer_state.json").is_file()
@@ -86,9 +90,9 @@ def test_sigkill_during_checkpoint_write_then_resume(reference, tmp_path, caplog
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_then_resume_is_exact(signum, reference, tmp_path):
     out = tmp_path / "run"
-    proc = _start_paused(tiny_tree(out), tmp_path, "step:7")
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    with _started_paused(tiny_tree(out), tmp_path, "step:7") as proc:
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-2000:]
     assert f"stopped by {signum.name} at step 7 after saving checkpoint-7" in err.strip().splitlines()[-1]
     assert checkpoint_steps(out) == [5, 7]
@@ -138,9 +142,10 @@ def test_two_process_cpu_run(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(port), str(script), str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with started(cmd, cwd=REPO, env=_env(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true"),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:  # its ranks go with it
+        stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
     logs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [e["step"] for e in logs[0]] == list(range(8)) == [e["step"] for e in logs[1]]
     for a, b in zip(*logs):  # identical weights on both ranks after every step, and they change
@@ -166,6 +171,6 @@ def test_two_process_cpu_run(tmp_path):
         one_process.step()
     assert sched["_last_lr"][0] == pytest.approx(one_process.get_last_lr()[0])
     # logs from the main process only
-    assert (proc.stdout + proc.stderr).count("skipping incomplete checkpoint") == 1
+    assert (stdout + stderr).count("skipping incomplete checkpoint") == 1
     weights = load_file(str(out / "final" / "generator.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -1,7 +1,7 @@
-"""The package as a user installs it: a wheel built from this tree, installed into a fresh venv (the system's
-torch and diffusers visible through --system-site-packages, stepdistill itself only from the wheel), used from a
-folder outside the repository: the presets resolve by name from the installed package data, and train, sample,
-export and bench run."""
+"""The package as a user installs it: a wheel built from this tree, installed into a fresh venv (the test's own
+torch and diffusers visible through a .pth of its site-packages folders, stepdistill itself only from the wheel),
+used from a folder outside the repository: the presets resolve by name from the installed package data, every
+shipped preset passes its checks, and train, sample, export and bench run."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,16 @@ from cli_utils import REPO
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from stepdistill.config import preset_names
+
 IGNORED = shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                                 ".ruff_cache", ".device", "tests")
+                                 ".ruff_cache", ".device", ".venv", "tests")
+
+
+def site_folders() -> list[str]:
+    """The site-packages folders of the interpreter running the tests (where the README's install put torch and
+    the rest); a .pth lists them without running their own .pth files, so an editable stepdistill stays out."""
+    return [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +39,12 @@ def venv(tmp_path_factory) -> tuple[Path, dict]:
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(root / "dist"),
                     str(source)], check=True, capture_output=True)
     wheel = next((root / "dist").glob("stepdistill-*.whl"))
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "venv")],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
     python = root / "venv" / "bin" / "python"
+    # --system-site-packages would show the base interpreter's packages, not those of a venv running this test
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "environment_under_test.pth").write_text("\n".join(site_folders()) + "\n")
     subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
                     str(wheel)], check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -57,6 +68,11 @@ def test_wheel_in_a_fresh_venv_trains_samples_exports_and_benches(venv, tmp_path
                 "import stepdistill; print(stepdistill.__file__, stepdistill.__version__)")
     location, version = where.stdout.split()
     assert Path(location).is_relative_to(bin_dir.parent) and version != "0.0.0+unknown"  # the wheel, not the repo
+
+    offline = [name for name in preset_names() if name.endswith(("_digits", "_gmm"))
+               and name != "dmd2_warm_gan_digits"]  # that one needs the user's real images first
+    checked = run(str(bin_dir / "python"), str(REPO / "tests" / "preset_preflight.py"), *offline)
+    assert checked.stdout.split() == offline
 
     stepdistill = str(bin_dir / "stepdistill")
     run(stepdistill, "train", "--config", "regression_gmm", "train.max_steps=50")

@@ -47,7 +47,7 @@ def check_teacher_source(cfg: TeacherConfig) -> None:
         if not isinstance(cached, str):
             raise ConfigError(f"teacher.path {cfg.path} is a hub id but the hub is offline (HF_HUB_OFFLINE=1 or "
                               "teacher.local_files_only=true) and it is not in the local cache: run "
-                              f"`huggingface-cli download {cfg.path}` where there is internet, or point teacher.path "
+                              f"`hf download {cfg.path}` where there is internet, or point teacher.path "
                               "at a local pipeline folder")
 
 
