@@ -11,7 +11,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    # gmm | sd | sdxl | pixart | sd3 | auto (detect from the pipeline folder) | mlp (an exported multistep MLP
+    # gmm | sd | sdxl | pixart | sd3 | flux | auto (detect from the pipeline folder) | mlp (an exported multistep MLP
     # student of ours over the GMM below, e.g. a reflow round's k-rectified flow)
     kind: str = "gmm"
     path: str = ""  # hub id or local diffusers pipeline folder; kind mlp: the export folder (not for gmm)
@@ -34,8 +34,8 @@ class TeacherConfig:
     # only for a separate teacher copy (not a shared-base critic or consistency's teacher_net=lora_base)
     offload: bool = False
 
-    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "auto", "mlp"), "dtype": ("auto", "fp32", "bf16", "fp16"),
-               "schedule": ("vp", "flow")}
+    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "flux", "auto", "mlp"),
+               "dtype": ("auto", "fp32", "bf16", "fp16"), "schedule": ("vp", "flow")}
     RANGES = {"num_modes": ">=1", "radius": ">0", "std": ">0", "num_classes": ">=0", "flow_shift": ">0",
               "backbone_hidden": ">=1", "backbone_depth": ">=1"}
 

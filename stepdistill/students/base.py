@@ -128,7 +128,9 @@ class Generator(nn.Module):
         return self(x, cond, self.time(n - 1, x))
 
     def recipe(self) -> SamplingRecipe:
+        guidance = self.teacher.embedded_guidance  # a guidance-distilled backbone is sampled at its embedded value
         return SamplingRecipe(list(self.timesteps), self.sampler, self.prediction_type, self.schedule,
+                              guidance_scale=0.0 if guidance is None else guidance,
                               extra={"generator": type(self).__name__})
 
     @classmethod

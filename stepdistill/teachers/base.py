@@ -94,6 +94,9 @@ class Teacher(ABC):
     pipe = None  # the diffusers pipeline, where the teacher is one (export reuses its components)
     resolution_multiple: int | None = None  # image side lengths must be multiples of this (latent teachers)
     mixture = None  # the true data distribution, where the teacher knows it (the analytic GMM teacher)
+    # a guidance-distilled backbone (Flux-dev) takes its guidance scale as an input: the value every conditioning
+    # carries by default, so students are trained at it and their exports pass it as the pipeline's guidance_scale
+    embedded_guidance: float | None = None
 
     @property
     def makes_images(self) -> bool:

@@ -35,6 +35,7 @@ class FluxTeacher(DiffusersTeacher):
     def __init__(self, pipe, identity: str = "", device: torch.device | str = "cpu") -> None:
         super().__init__(pipe, identity, device)
         self.guidance_embeds = bool(self.backbone.config.guidance_embeds)
+        self.embedded_guidance = self.default_guidance if self.guidance_embeds else None
 
     def _patch_size(self) -> int:
         return 2  # latents are packed in 2x2 patches (the transformer's own patch_size is 1)
@@ -60,7 +61,7 @@ class FluxTeacher(DiffusersTeacher):
     def _guidance_field(self, n: int) -> dict[str, Tensor]:
         if not self.guidance_embeds:
             return {}
-        return {"guidance": torch.full((n,), self.default_guidance, device=self.device)}
+        return {"guidance": torch.full((n,), self.embedded_guidance, device=self.device)}
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.device,
