@@ -87,11 +87,15 @@ def build_parser() -> Parser:
                    help="EMA or raw generator weights (auto: EMA when the run kept one)")
     p.add_argument("--lora", choices=["merged", "adapter"], default="merged",
                    help="a LoRA student as a full pipeline with the LoRA merged, or the adapter alone")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty --out (its contents are moved to <out>.replaced-<time>)")
     p = command("teacher", "train an offline teacher: stepdistill teacher digits|shapes [--seed 0]")
     p.add_argument("name", choices=MINIATURE_WORLDS)
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out", default=None, help="teacher pipeline folder (default: the shipped asset)")
-    p.add_argument("--classifier-out", default=None, help="digit classifier folder (default: the shipped asset)")
+    p.add_argument("--out", default=None, help="teacher pipeline folder (default: runs/teachers/NAME; never inside "
+                   "the installed package, whose shipped teacher stays as it is)")
+    p.add_argument("--classifier-out", default=None, help="classifier folder, reused when it holds one (default: the "
+                   "shipped classifier, else runs/teachers/NAME_classifier)")
     p.add_argument("--vae-steps", type=COUNT, default=None, help="default: the dataset's recipe")
     p.add_argument("--unet-steps", type=COUNT, default=None, help="default: the dataset's recipe")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
@@ -190,7 +194,7 @@ def _export(args: argparse.Namespace) -> dict:
     from stepdistill.training.restore import export_checkpoint
 
     out = _out_folder(args.out, "--out")
-    return export_checkpoint(args.checkpoint, out, args.weights, args.lora)
+    return export_checkpoint(args.checkpoint, out, args.weights, args.lora, args.overwrite)
 
 
 def _teacher(args: argparse.Namespace) -> dict:

@@ -1,6 +1,6 @@
 """A student of a diffusers teacher as a diffusers pipeline folder: the teacher's pipeline class and components
 with the student's backbone (LoRA merged) and a scheduler that reproduces its SamplingRecipe (schedulers.py);
-the LoRA also on its own (`lora/`), the recipe in `stepdistill.json`, and a model card."""
+the LoRA also on its own (`lora/`), the recipe in `stepdistill.json`, and a model card (card.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,13 +10,36 @@ from pathlib import Path
 
 from torch import nn
 
+from stepdistill.export.card import (
+    base_model_name,
+    is_hub_id,
+    teacher_example_prompt,
+    teacher_license,
+    write_model_card,
+)
 from stepdistill.export.schedulers import scheduler_for
 from stepdistill.students.base import Generator
 from stepdistill.students.lora import adapter_state_dict
 
 RECIPE_FILE = "stepdistill.json"
 LORA_DIR = "lora"
-DEFAULT_EXAMPLE_PROMPT = "a photo of a cat"  # when neither the teacher's card nor the run gives one
+
+
+def reads_init_noise_sigma(pipe) -> bool:
+    """Whether the pipeline scales its first noise by `scheduler.init_noise_sigma` (pipelines written for VP
+    schedulers: SD, SDXL, PixArt), which a flow scheduler must then provide."""
+    prepare = getattr(type(pipe), "prepare_latents", None)
+    try:
+        return prepare is not None and "init_noise_sigma" in inspect.getsource(prepare)
+    except (OSError, TypeError):
+        return True
+
+
+def export_scheduler(pipe, sampling):
+    """The student's scheduler for the teacher's pipeline and the pipeline kwargs of its own sampling."""
+    scheduler, kwargs = scheduler_for(sampling, pipe.scheduler.config, reads_init_noise_sigma(pipe))
+    kwargs["guidance_scale"] = sampling.guidance_scale
+    return scheduler, kwargs
 
 
 def merged_backbone(backbone: nn.Module) -> nn.Module:
@@ -54,8 +77,7 @@ def write_lora_adapter(generator: Generator, teacher, folder: Path, objective: s
     if not adapter_state_dict(generator.backbone):
         raise ConfigError("export --lora adapter: this student has no LoRA (student.kind is not lora); leave out "
                           "--lora adapter")
-    scheduler, kwargs = scheduler_for(generator.recipe(), teacher.pipe.scheduler.config)
-    kwargs["guidance_scale"] = generator.recipe().guidance_scale
+    scheduler, kwargs = export_scheduler(teacher.pipe, generator.recipe())
     with atomic_directory(folder) as tmp:
         save_lora(teacher.pipe, teacher.backbone_name, generator.backbone, tmp)
         scheduler.save_pretrained(str(tmp / "scheduler"))
@@ -64,7 +86,7 @@ def write_lora_adapter(generator: Generator, teacher, folder: Path, objective: s
             "scheduler": type(scheduler).__name__, "pipeline_kwargs": kwargs}, indent=2))
         (tmp / "README.md").write_text(
             f"# LoRA of a distilled student ({objective}), exported by stepdistill\n\nOn the teacher's pipeline "
-            f"(`{teacher.pipe.name_or_path}`):\n\n```python\nfrom diffusers import {type(scheduler).__name__}\n"
+            f"(`{base_model_name(str(teacher.pipe.name_or_path or ''))}`):\n\n```python\nfrom diffusers import {type(scheduler).__name__}\n"
             f"pipe.load_lora_weights(\"<this folder>\")\npipe.scheduler = {type(scheduler).__name__}"
             f".from_pretrained(\"<this folder>\", subfolder=\"scheduler\")\nimage = pipe(prompt, "
             f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items())}).images[0]\n```\n")
@@ -76,8 +98,7 @@ def write_diffusers_student(generator: Generator, teacher, folder: Path, objecti
     any), the recipe (stepdistill.json) and a model card; returns the recipe."""
     pipe, name = teacher.pipe, teacher.backbone_name
     sampling = generator.recipe()
-    scheduler, kwargs = scheduler_for(sampling, pipe.scheduler.config)
-    kwargs["guidance_scale"] = sampling.guidance_scale
+    scheduler, kwargs = export_scheduler(pipe, sampling)
 
     components = dict(pipe.components)
     components[name] = merged_backbone(generator.backbone)
@@ -91,7 +112,9 @@ def write_diffusers_student(generator: Generator, teacher, folder: Path, objecti
         "product": "diffusers",
         "pipeline_class": type(pipe).__name__,
         "teacher": teacher.identity,
-        "base_model": str(pipe.name_or_path or ""),
+        "base_model": base_model_name(str(pipe.name_or_path or "")),
+        "base_model_on_hub": is_hub_id(str(pipe.name_or_path or "")),
+        "license": teacher_license(str(pipe.name_or_path or "")),
         "objective": objective,
         "student_timesteps": sampling.timesteps,
         "prediction_type": sampling.prediction_type,
@@ -103,84 +126,5 @@ def write_diffusers_student(generator: Generator, teacher, folder: Path, objecti
         "lora": LORA_DIR if lora else None,
     }
     (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-    write_model_card(folder, teacher_example_prompt(recipe["base_model"]))
+    write_model_card(folder, recipe, teacher_example_prompt(str(pipe.name_or_path or "")))
     return recipe
-
-
-def teacher_example_prompt(base_model: str) -> str | None:
-    """The example prompt the teacher's own model card gives (its widget, or a DreamBooth-style instance
-    prompt), where a local card exists."""
-    from huggingface_hub import ModelCard
-
-    card = Path(base_model) / "README.md"
-    if not card.is_file():
-        return None
-    data = ModelCard.load(card).data.to_dict()
-    widget = data.get("widget") or []
-    if widget and isinstance(widget[0], dict) and widget[0].get("text"):
-        return str(widget[0]["text"])
-    return data.get("instance_prompt")
-
-
-def _is_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return not Path(name).exists()
-
-
-def write_model_card(folder: Path, example_prompt: str | None = None, training: dict | None = None) -> Path:
-    """README.md of an export: a huggingface_hub ModelCard whose metadata names the base model, the objective,
-    the sampling steps and guidance, and whose text gives the exact call (with `example_prompt`, the teacher's own
-    or the run's first training prompt) and why the pipeline's default arguments are not the student's."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    folder = Path(folder)
-    recipe = json.loads((folder / RECIPE_FILE).read_text())
-    base = recipe.get("base_model", "")
-    prompt = example_prompt or DEFAULT_EXAMPLE_PROMPT
-    args = ", ".join(f"{k}={v!r}" for k, v in recipe["pipeline_kwargs"].items())
-    extra = {"base_model": base} if _is_hub_id(base) else {"teacher": base or recipe["teacher"]}
-    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image",
-                         tags=["stepdistill", "distillation", f"{recipe['num_inference_steps']}-step",
-                               *([recipe["objective"]] if recipe["objective"] else [])],
-                         objective=recipe["objective"], num_inference_steps=recipe["num_inference_steps"],
-                         guidance_scale=recipe["guidance_scale"], scheduler=recipe["scheduler"],
-                         student_timesteps=recipe["student_timesteps"], example_prompt=prompt,
-                         **({"training": training} if training else {}), **extra)
-    setup = ""
-    if recipe["scheduler"].startswith("FlowMatch"):  # SD/SDXL/PixArt pipelines read it; FlowMatch schedulers lack it
-        setup = "pipe.scheduler.init_noise_sigma = 1.0  # needed by pipelines written for VP schedulers\n"
-    lora = ""
-    if recipe["lora"]:
-        lora = (f"\nThe student's LoRA (relative to the teacher's weights) is also in `{recipe['lora']}/`: on the "
-                f"teacher pipeline, `pipe.load_lora_weights(\"<this folder>/{recipe['lora']}\")`; the backbone "
-                "saved here already has it merged.\n")
-    note = recipe["sampling"].get("note")
-    note = f"\n{note}\n" if note else ""
-    trained = (f"Distilled from `{base or recipe['teacher']}` with the `{recipe['objective']}` objective"
-               + (f" for {training['steps']} training steps" if training and "steps" in training else "") + ".")
-    text = f"""# Distilled student ({recipe['num_inference_steps']}-step), exported by stepdistill
-
-{trained} A diffusers `{recipe['pipeline_class']}` folder: the teacher's components with the student's backbone
-and a `{recipe['scheduler']}` that reproduces the student's sampling timesteps {recipe['student_timesteps']}
-(prediction type `{recipe['prediction_type']}`), guidance_scale {recipe['guidance_scale']}.
-
-```python
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("<this folder>")
-{setup}image = pipe({prompt!r}, {args}).images[0]
-```
-
-Pass these arguments: the pipeline's defaults (50 steps, guidance 7.5) are the teacher's, not the student's,
-and the scheduler refuses or misuses them. From the shell: `stepdistill sample <this folder> {prompt!r}`.
-{note}{lora}
-`stepdistill.json` holds the same recipe (`pipeline_kwargs`); `stepdistill.pipelines.load_exported(folder)`
-returns the pipeline and the recipe.
-"""
-    path = folder / "README.md"
-    ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(path)
-    return path

@@ -1,14 +1,22 @@
-"""The diffusers scheduler that reproduces a student's SamplingRecipe, and the pipeline arguments that make it visit
-exactly the student's timesteps:
+"""The diffusers scheduler that reproduces a student's SamplingRecipe, the pipeline arguments that make it visit
+exactly the student's timesteps, and what the pipeline's default call (50 steps, no other argument) does with it
+(`default_call`, for the model card):
   * renoise on VP: `LCMScheduler`. Step i predicts x0 at t_i; before the next step it re-noises x0 to t_{i+1} with
-    fresh noise. Uniform grids like [999] or [999, 749, 499, 249] come out of `set_timesteps(k)` with
-    `original_inference_steps` chosen for them; other grids (DMD2's one step at t=399) are explicit `timesteps`.
-  * ode on VP (MCD / TSCD segments): deterministic DDIM jumps between the timesteps, the last to x0:
+    fresh noise. Its original grid is every training timestep (original_inference_steps = T), so uniform grids like
+    [999] or [999, 749, 499, 249] come out of `set_timesteps(k)`, other grids (DMD2's one step at t=399) are
+    explicit `timesteps`, and the pipeline's default 50 steps are allowed (50 LCM steps on the student).
+  * ode on VP (MCD / TSCD segments, BOOT): deterministic DDIM jumps between the timesteps, the last to x0:
     `DDIMScheduler` with trailing spacing where it visits the same timesteps, else `EulerDiscreteScheduler`
     (x0-based Euler in sigma space is DDIM) on explicit `timesteps`.
   * flow schedules: `FlowMatchEulerDiscreteScheduler` without shift on explicit `sigmas = t / T`, with
     `stochastic_sampling` for renoise (x0 re-noised to the next sigma with fresh noise), deterministic Euler for
-    ode; a multistep flow (`any_num_steps`) keeps the student's shift and samples any number of steps.
+    ode; a multistep flow (`any_num_steps`) keeps the student's shift and samples any number of steps. Pipelines
+    written for VP schedulers (SD, SDXL) scale their first noise by `scheduler.init_noise_sigma`, which that
+    scheduler lacks: its config then records `init_noise_sigma = 1` (a flow's pure noise has unit variance), which
+    diffusers serves as the attribute (warning that the key is not an argument of the scheduler).
+Why the default call cannot be the k-step sample itself: every diffusers scheduler turns num_inference_steps=50
+into 50 timesteps, and a schedule that repeats one timestep (zero-length steps) makes `index_for_timestep` start
+at the second entry and step past the end of the sigmas.
 """
 from __future__ import annotations
 
@@ -21,11 +29,15 @@ from stepdistill.students.base import SamplingRecipe
 TIMESTEP_SCALING = 1.0e4
 
 
-def scheduler_for(recipe: SamplingRecipe, teacher_scheduler_config: dict):
-    """(scheduler, pipeline kwargs) for a recipe; the teacher's scheduler config supplies the VP betas."""
+def scheduler_for(recipe: SamplingRecipe, teacher_scheduler_config: dict, reads_init_noise_sigma: bool = False):
+    """(scheduler, pipeline kwargs) for a recipe; the teacher's scheduler config supplies the VP betas.
+    `reads_init_noise_sigma`: the pipeline scales its first noise by `scheduler.init_noise_sigma` (SD, SDXL)."""
     config = dict(teacher_scheduler_config)
     if recipe.schedule.kind == "flow":
-        return flow_scheduler(config, recipe)
+        scheduler, kwargs = flow_scheduler(config, recipe)
+        if reads_init_noise_sigma:
+            scheduler.register_to_config(init_noise_sigma=1.0)
+        return scheduler, kwargs
     if recipe.sampler == "ode":
         return vp_ode_scheduler(config, recipe.timesteps, recipe.prediction_type)
     if recipe.sampler == "renoise":
@@ -39,12 +51,6 @@ def _scheduler_args(cls, config: dict) -> dict:
     return {k: v for k, v in config.items() if k in accepted}
 
 
-def _on_grid(timesteps: list[int], n: int, num_train: int) -> bool:
-    """Whether every timestep lies on LCMScheduler's `original_inference_steps = n` grid (k * T//n - 1)."""
-    c = num_train // n
-    return all((t + 1) % c == 0 and (t + 1) // c <= n for t in timesteps)
-
-
 def _integer_timesteps(timesteps: list[float], num_train: int) -> list[int]:
     ints = [int(t) for t in timesteps]
     if ints != list(timesteps) or not all(0 <= t < num_train for t in ints):
@@ -54,7 +60,9 @@ def _integer_timesteps(timesteps: list[float], num_train: int) -> list[int]:
 
 
 def vp_renoise_scheduler(config: dict, timesteps: list[float], prediction_type: str):
-    """LCMScheduler for a re-noising VP student, and the kwargs that make it visit exactly `timesteps`."""
+    """LCMScheduler for a re-noising VP student, and the kwargs that make it visit exactly `timesteps`. Its original
+    grid is every training timestep (original_inference_steps = T): any integer grid lies on it, and the pipeline's
+    default 50 steps are allowed."""
     from diffusers import LCMScheduler
 
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -63,10 +71,8 @@ def vp_renoise_scheduler(config: dict, timesteps: list[float], prediction_type: 
     num_train = int(config.get("num_train_timesteps", 1000))
     ints = _integer_timesteps(timesteps, num_train)
     k = len(ints)
-    # the smallest original grid that holds every timestep (no "not on the training schedule" warnings)
-    n = next(m for m in range(k, num_train + 1) if _on_grid(ints, m, num_train))
     scheduler = LCMScheduler.from_config(
-        _scheduler_args(LCMScheduler, config), prediction_type=prediction_type, original_inference_steps=n,
+        _scheduler_args(LCMScheduler, config), prediction_type=prediction_type, original_inference_steps=num_train,
         timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False)
     scheduler.set_timesteps(k)
     if scheduler.timesteps.tolist() == ints:
@@ -104,8 +110,8 @@ def vp_ode_scheduler(config: dict, timesteps: list[float], prediction_type: str)
 
 
 def flow_scheduler(config: dict, recipe: SamplingRecipe):
-    """FlowMatchEulerDiscreteScheduler: explicit sigmas = t / T (no shift) for fixed timesteps; the student's own
-    shift and any number of steps for a multistep flow."""
+    """FlowMatchEulerDiscreteScheduler: explicit sigmas = t / T (no shift) for fixed timesteps (the default call:
+    50 Euler steps of the unshifted flow); the student's own shift and any number of steps for a multistep flow."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if recipe.prediction_type != "flow":

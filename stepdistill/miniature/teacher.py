@@ -1,7 +1,8 @@
 """The one teacher builder of the miniature worlds: a plain StableDiffusionPipeline (tiny VAE, UNet and frozen
 byte-level text encoder) trained here on a dataset definition's images, one prompt per class. It also trains
 (or reuses) the dataset's classifier, measures the teacher's prompt accuracy and caches its FID reference in the
-teacher's folder. `stepdistill teacher digits|shapes --seed 0` rebuilds a shipped teacher."""
+teacher's folder. `stepdistill teacher digits|shapes --seed 0` rebuilds a shipped teacher into runs/teachers/<name>
+(`DEFAULT_OUT`): shipped assets are never an output, and no folder inside the installed package is written."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,37 @@ from stepdistill.evaluation.miniature import build_reference
 from stepdistill.miniature import get_dataset
 from stepdistill.miniature.classifier import load_classifier, save_classifier, train_classifier
 from stepdistill.miniature.dataset import MiniatureDataset, sample_pipeline
+
+DEFAULT_OUT = Path("runs") / "teachers"  # <name> and <name>_classifier below it, relative to the working folder
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def check_outside_package(folder: Path, flag: str) -> Path:
+    """`folder`, refused when inside the installed package (its shipped assets are read by every later run)."""
+    from stepdistill.config import ConfigError
+
+    resolved = folder.resolve()
+    if resolved == PACKAGE or PACKAGE in resolved.parents:
+        raise ConfigError(f"teacher {flag} {folder} is inside the installed package ({PACKAGE}), whose shipped "
+                          f"teachers every preset and the demo read: give a folder outside it, e.g. {flag} "
+                          f"{DEFAULT_OUT / resolved.name}")
+    return folder
+
+
+def output_folders(dataset: MiniatureDataset, out: str | Path | None,
+                   classifier_dir: str | Path | None) -> tuple[Path, Path]:
+    """The teacher folder to write (default runs/teachers/<name>) and the classifier folder: reused where it holds
+    a classifier (the shipped one by default), else trained and written (default runs/teachers/<name>_classifier).
+    Neither is written inside the package."""
+    out = check_outside_package(Path(out) if out else DEFAULT_OUT / dataset.name, "--out")
+    if classifier_dir is None:
+        shipped = dataset.classifier_dir
+        classifier_dir = shipped if (shipped / "model.safetensors").is_file() else \
+            DEFAULT_OUT / f"{dataset.name}_classifier"
+    classifier_dir = Path(classifier_dir)
+    if not (classifier_dir / "model.safetensors").is_file():
+        check_outside_package(classifier_dir, "--classifier-out")
+    return out, classifier_dir
 
 
 def _print(message: str) -> None:
@@ -144,8 +176,7 @@ def build_teacher(dataset: str | MiniatureDataset, out: str | Path | None = None
     vae_steps = dataset.vae_steps if vae_steps is None else vae_steps
     unet_steps = dataset.unet_steps if unet_steps is None else unet_steps
     start, cpu_start = time.time(), time.process_time()
-    out = Path(out or dataset.teacher_dir)
-    classifier_dir = Path(classifier_dir or dataset.classifier_dir)
+    out, classifier_dir = output_folders(dataset, out, classifier_dir)
     if (classifier_dir / "model.safetensors").is_file():  # reuse a classifier built earlier
         classifier = load_classifier(classifier_dir)
         test_acc = json.loads((classifier_dir / "info.json").read_text())["test_accuracy"]

@@ -17,22 +17,10 @@ def register_product_loader(product: str, loader: Callable) -> None:
     PRODUCT_LOADERS[product] = loader
 
 
-def complete_flow_scheduler(pipe) -> None:
-    """Pipelines written for VP schedulers (SD, SDXL, PixArt) scale their initial noise by
-    `scheduler.init_noise_sigma`, which diffusers' FlowMatchEulerDiscreteScheduler does not define (their __call__
-    stops with an AttributeError): set it to 1, a flow's pure noise having unit variance. With it, these pipelines
-    sample a flow student's exported FlowMatch scheduler exactly (the timesteps it lists, Euler steps)."""
-    scheduler = getattr(pipe, "scheduler", None)
-    if scheduler is not None and not hasattr(scheduler, "init_noise_sigma"):
-        scheduler.init_noise_sigma = 1.0
-
-
 def _diffusers(folder: Path, recipe: dict, **kwargs):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
-    complete_flow_scheduler(pipe)
-    return pipe
+    return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
 
 
 def _routed(folder: Path, recipe: dict, **kwargs):
@@ -65,4 +53,4 @@ def load_exported(folder: str | Path, **from_pretrained_kwargs):
     return PRODUCT_LOADERS[product](folder, recipe, **from_pretrained_kwargs), recipe
 
 
-__all__ = ["RECIPE_FILE", "complete_flow_scheduler", "load_exported", "register_product_loader"]
+__all__ = ["RECIPE_FILE", "load_exported", "register_product_loader"]
