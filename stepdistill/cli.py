@@ -37,6 +37,16 @@ def _number(kind, low: float, inclusive: bool):
     return parse
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: argparse keeps the last of repeated ones silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} is given twice ({getattr(namespace, self.dest)!r} and {values!r}): give it "
+                         "once (a config is one file; change single keys with section.key=value)")
+        setattr(namespace, self.dest, values)
+
+
 COUNT = _number(int, 1, inclusive=True)  # how many of something: at least one
 SEED = _number(int, 0, inclusive=True)
 SCALE = _number(float, 0, inclusive=True)  # guidance scales, standard form
@@ -61,14 +71,16 @@ def build_parser() -> Parser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
     p = command("train", "distill a student: stepdistill train --config FILE|PRESET [section.key=value ...]")
-    p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
+    p.add_argument("--config", default=None, action=_Once,
+                   help="a YAML file or a preset name (default: the schema's defaults)")
     p.add_argument("--stage", dest="stages", action="append", default=None, metavar="NAME",
                    help="run only this stage of a recipe (repeatable; a fan-out's name: all its stages), e.g. one "
                         "launch per GPU group")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
     p = command("pairs", "cache a config's teacher pairs ahead of training, split across the processes of "
                 "`accelerate launch -m stepdistill pairs ...`; a stopped run continues with the missing shards")
-    p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
+    p.add_argument("--config", default=None, action=_Once,
+                   help="a YAML file or a preset name (default: the schema's defaults)")
     p.add_argument("--shard-size", type=COUNT, default=8192, help="pairs per shard file, the unit of work (8192)")
     p.add_argument("--batch-size", type=COUNT, default=1024, help="pairs per teacher batch (1024)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.pairs.num=100000")
@@ -124,7 +136,8 @@ def build_parser() -> Parser:
     p.add_argument("--inception-weights", default="", help="local Inception weights file (torchmetrics backend)")
     p.add_argument("--speed", action="store_true", help="also measure latency and throughput")
     p = command("plan", "per-GPU memory estimate of a config and the options that make it fit")
-    p.add_argument("--config", default=None, help="a YAML file or a preset name (default: the schema's defaults)")
+    p.add_argument("--config", default=None, action=_Once,
+                   help="a YAML file or a preset name (default: the schema's defaults)")
     p.add_argument("--gpu-gib", type=POSITIVE, default=80.0, help="memory of one GPU, GiB")
     p.add_argument("--model", default=None, help="architecture: tiny-sd|tiny-sdxl|sd15|sdxl (default: teacher.kind)")
     p.add_argument("overrides", nargs="*")
@@ -155,16 +168,19 @@ def _train(args: argparse.Namespace) -> dict:
     tree = load_config_tree(args.config, args.overrides)
     if tree.get("recipe"):  # a multi-stage run: one training per stage
         from stepdistill.recipes import train_recipe
+        from stepdistill.training.run import finish_recipe
 
-        return {"stages": train_recipe(tree, only=args.stages)}
+        return finish_recipe(tree, train_recipe(tree, only=args.stages))
     if args.stages:
         raise ConfigError("--stage selects stages of a recipe, and this config has no recipe")
     check_before_import(tree)
     cfg = config_from_dict(tree)
     from stepdistill.training import run_training
+    from stepdistill.training.rundir import locked_run_dir
 
     try:
-        return run_training(cfg)
+        with locked_run_dir(cfg.train.output_dir):
+            return run_training(cfg)
     except BaseException as e:
         note_saved(e, cfg.train.output_dir)
         raise
@@ -234,6 +250,18 @@ def _plan(args: argparse.Namespace) -> dict:
     return plan(load_config(args.config, args.overrides), args.gpu_gib, args.model)
 
 
+def _plan_table(summary: dict) -> list[str]:
+    """The planner's estimates as a table a person reads (--json prints them all, per module, for machines)."""
+    rows = [("option", "fits", "total", "weights", "grads", "optimizer", "activations", "set")]
+    rows += [(e["option"], "yes" if e["fits"] else "no", *(f"{e[k]:.3g}" for k in ("total", "weights", "grads",
+             "optimizer", "activations")), " ".join(e["set"]) or "-") for e in summary["estimates"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    head = (f"stepdistill: plan for one {summary['gpu_gib']:g} GiB GPU ({summary['headroom']:.0%} of it usable), "
+            "estimates in GiB:")
+    return [head, *lines, f"  recommendation: {summary['recommendation']}"]
+
+
 def _bench(args: argparse.Namespace) -> dict:
     from stepdistill.perf.speed import run_and_write
 
@@ -253,6 +281,7 @@ def _prompts(args: argparse.Namespace) -> dict:
     return write_prompts(args.source, args.out, args.column, args.limit, args.seed)
 
 
+HUMAN_OUTPUT = {"plan": _plan_table}  # commands whose result reads better as a table than as key: value lines
 COMMANDS = {"train": _train, "pairs": _pairs, "sample": _sample, "export": _export, "teacher": _teacher, "demo": _demo,
             "eval": _eval, "plan": _plan, "bench": _bench, "prompts": _prompts}
 
@@ -272,8 +301,19 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def _vacuous_float32_warning(record: logging.LogRecord) -> bool:
+    """False for diffusers' "should be kept in float32: []" warning. diffusers (0.42) warns on every `.to(dtype)`
+    of a model, even when the model keeps no module in float32 (the list is empty, so the cast changes nothing the
+    warning is about); the teacher's bf16 cast and the trainable fp32 copies cast on purpose. A non-empty list is
+    still shown."""
+    return "should be kept in float32: []." not in record.getMessage()
+
+
 def _configure_logging(debug: bool) -> None:
     """The package's log lines (resumed from ..., warnings) on stderr, once per process."""
+    diffusers_models = logging.getLogger("diffusers.models.modeling_utils")  # the logger diffusers writes it to
+    if _vacuous_float32_warning not in diffusers_models.filters:
+        diffusers_models.addFilter(_vacuous_float32_warning)
     logger = logging.getLogger("stepdistill")
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
@@ -319,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        print("\n".join([f"stepdistill: {args.command} done", *_human(summary, "  ")]), file=sys.stderr)
+        human = HUMAN_OUTPUT.get(args.command)
+        lines = human(summary) if human else [f"stepdistill: {args.command} done", *_human(summary, "  ")]
+        print("\n".join(lines), file=sys.stderr)
     return 0
 
 

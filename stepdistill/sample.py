@@ -1,17 +1,24 @@
 """`stepdistill sample`: images from an exported student (or any diffusers pipeline folder) from the shell. Each
-image is a PNG named by its prompt and seed, `grid.png` shows them labelled (a row per prompt, a column per seed),
-and `samples.json` records the exact pipeline call. A student of the analytic teacher gives its points (CSV) and a
+image is a PNG named by its prompt and seed, written as soon as its batch is sampled (a progress bar counts them),
+`grid.png` shows them labelled (a row per prompt, a column per seed, the first GRID_SEEDS seeds), and
+`samples.json` records the exact pipeline call. A student of the analytic teacher gives its points (CSV) and a
 scatter beside the teacher's own samples."""
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from stepdistill.config import ConfigError, check_pipeline_folder, config_from_dict
+from stepdistill.config.preflight import check_pipeline_weights
 
 IMAGES_PER_PROMPT = 4
 POINTS = 1024
+BATCH = 16  # images per pipeline call
+GRID_SEEDS = 8  # columns of grid.png
 RUN_CONFIG = "training_config.json"  # the config of the run an export came from (see training.restore)
 
 
@@ -61,21 +68,30 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
     call = _pipeline_call(recipe, steps, guidance)  # refused arguments fail before the pipeline loads
     if not recipe:
         check_pipeline_folder(folder, what="sample:")
+    check_pipeline_weights(folder, "sample:")
     pipe, _ = load_exported(folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images below, not one per call
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(seed, seed + num))
     rows, files = [], []
-    for i, prompt in enumerate(prompts):
-        generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU noise: the same images on any device
-        images = pipe(prompt=[prompt] * num, generator=generators, **call).images
-        rows.append(images)
-        for s, image in zip(seeds, images):
-            path = out / f"{i:02d}-{_slug(prompt)}-seed{s}.png"
-            image.save(path)
-            files.append(str(path))
-    grid = labelled_grid(rows, out / "grid.png", row_labels=prompts, column_labels=[f"seed {s}" for s in seeds])
+    with tqdm(total=len(prompts) * num, desc="stepdistill sample", unit="image", file=sys.stderr) as bar:
+        for i, prompt in enumerate(prompts):
+            rows.append([])
+            for start in range(0, num, BATCH):
+                batch = seeds[start:start + BATCH]
+                generators = [torch.Generator().manual_seed(s) for s in batch]  # CPU noise: same images anywhere
+                images = pipe(prompt=[prompt] * len(batch), generator=generators, **call).images
+                for s, image in zip(batch, images):
+                    path = out / f"{i:02d}-{_slug(prompt)}-seed{s}.png"
+                    image.save(path)
+                    files.append(str(path))
+                if len(rows[i]) < GRID_SEEDS:
+                    rows[i] += images[:GRID_SEEDS - len(rows[i])]
+                bar.update(len(batch))
+    grid = labelled_grid(rows, out / "grid.png", row_labels=prompts,
+                         column_labels=[f"seed {s}" for s in seeds[:GRID_SEEDS]])
     record = {"export": str(folder), "prompts": prompts, "seeds": seeds, "call": call, "device": device,
               "files": files, "grid": str(grid)}
     (out / "samples.json").write_text(json.dumps(record, indent=2))

@@ -66,15 +66,16 @@ def labelled_grid(rows: list[list[Image.Image]], path: str | Path, row_labels: l
     if row_labels:
         left = min(220, max(ImageDraw.Draw(body).textlength(label, font=_font()) for label in row_labels) + 12)
         left = int(left)
-    top = _text_height(1) + PAD if column_labels else 0
+    heads = [textwrap.wrap(label, max(6, (tile_w - PAD) // 7))[:3] for label in column_labels or []]
+    top = _text_height(max(map(len, heads))) + PAD if heads else 0
     canvas = Image.new("RGB", (left + body.width, top + body.height), "white")
     canvas.paste(body, (left, top))
     draw = ImageDraw.Draw(canvas)
     for i, label in enumerate(row_labels or []):
         wrapped = textwrap.wrap(label, max(6, (left - 8) // 7))[:4]
         draw.multiline_text((4, top + i * tile_h + PAD), "\n".join(wrapped), fill="black", font=_font(), spacing=3)
-    for j, label in enumerate(column_labels or []):
-        draw.text((left + j * tile_w + PAD, 2), label, fill="black", font=_font())
+    for j, lines in enumerate(heads):
+        draw.multiline_text((left + j * tile_w + PAD, 2), "\n".join(lines), fill="black", font=_font(), spacing=3)
     canvas.save(path)
     return Path(path)
 
@@ -87,6 +88,13 @@ def image_grid(images: Tensor, path: str | Path, columns: int | None = None, row
     rows = [pictures[i:i + columns] for i in range(0, len(pictures), columns)]
     caption_rows = [captions[i:i + columns] for i in range(0, len(pictures), columns)] if captions else None
     return labelled_grid(rows, path, row_labels=row_labels, captions=caption_rows)
+
+
+def labelled_rows(rows: dict[str, Tensor], path: str | Path, column_labels: list[str]) -> Path:
+    """Save rows of images [N, C, H, W] in [0, 1] as one PNG, each row named by its key (e.g. a sampler) and each
+    column by its label (e.g. the prompt)."""
+    return labelled_grid([to_pil(images) for images in rows.values()], path, row_labels=list(rows),
+                         column_labels=column_labels)
 
 
 def _nice_extent(panels: list[tuple[str, Tensor]]) -> float:

@@ -73,7 +73,7 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     assert metrics["floors"]["fid_teacher_vs_teacher"] > 0
     assert "student 1-step (DMD2)" in (out / "metrics.md").read_text()
     width, height = Image.open(out / "samples.png").size
-    assert width >= 20 * 128 and height >= 3 * 128  # 3 rows of 20 digits, upscaled from 16 pixels
+    assert width > 10 * 128 and height > 3 * 128  # 3 rows of the 10 prompts, upscaled from 16 pixels, labelled
     pipe, recipe = load_exported(out / "dmd2" / "final")
     image = pipe(digit_prompt(3), output_type="pt", **recipe["pipeline_kwargs"]).images
     assert image.shape == (1, 3, 16, 16)

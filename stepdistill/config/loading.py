@@ -107,23 +107,38 @@ def _range_spec(cls: type, name: str) -> str | None:
     return next((spec for suffix, spec in SUFFIX_RANGES.items() if name.endswith(suffix)), None)
 
 
+def did_you_mean(word: object, options, prefix: str = "") -> str:
+    """" Did you mean X?" for the option closest to a mistyped word, or ""."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options if o is not None], n=1)
+    return f" Did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _yaml_word(value: Any, options: tuple) -> Any:
+    """YAML 1.1 reads no/off/false as False (yes/on/true as True): for a choice of words that holds "no" ("yes"),
+    that is the word the user wrote."""
+    if isinstance(value, bool) and ("yes" if value else "no") in options:
+        return "yes" if value else "no"
+    return value
+
+
 def build_dataclass(cls: type, data: dict | None, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a mapping, refusing unknown keys, wrong types and invalid choices."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    choices = getattr(cls, "CHOICES", {})
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key}.{hint} Valid keys: {', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown config key {prefix}{key}.{did_you_mean(key, fields, prefix)} Valid keys: "
+                              f"{', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], prefix + name)
+        kwargs[name] = _coerce(_yaml_word(value, choices.get(name, ())), hints[name], prefix + name)
     obj = cls(**kwargs)
-    for name, options in getattr(cls, "CHOICES", {}).items():
+    for name, options in choices.items():
         if getattr(obj, name) not in options:
-            raise ConfigError(f"{prefix}{name}: {getattr(obj, name)!r} is not one of {list(options)}")
+            raise ConfigError(f"{prefix}{name}: {getattr(obj, name)!r} is not one of {list(options)}."
+                              f"{did_you_mean(getattr(obj, name), options)}")
     for f in dataclasses.fields(cls):
         value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -172,7 +187,8 @@ def resolve_config_path(name: str | Path) -> Path:
     preset = PRESETS / (p.name if p.suffix == ".yaml" else p.name + ".yaml")
     if preset.is_file() and (len(p.parts) == 1 or p.parent.name == "configs"):
         return preset
-    raise ConfigError(f"config file {name} does not exist and is not a preset name; presets: {', '.join(preset_names())}")
+    raise ConfigError(f"config file {name} does not exist and is not a preset name.{did_you_mean(p.stem, preset_names())} "
+                      f"Presets: {', '.join(preset_names())}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -202,25 +218,35 @@ def read_config_tree(name: str | Path) -> dict:
     if "\x00" in text:
         raise ConfigError(f"config file {p} is a binary file: give a YAML file")
     try:
-        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as e:
         raise ConfigError(f"config file {p}, {e}") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
+    if tree is None:  # without this, an empty file would silently train the schema's defaults
+        raise ConfigError(f"config file {p} is empty (no settings): give a config, e.g. a copy of a preset "
+                          f"({', '.join(preset_names()[:3])}, ...), or leave --config out for the schema's defaults")
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(tree).__name__}")
     return tree
 
 
+SECTIONS = {"objective": "name", "teacher": "path", "student": "kind", "data": "prompts_file", "train": "max_steps"}
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
+    if len(parts) == 1 and dotted in SECTIONS and not isinstance(value, dict):
+        raise ConfigError(f"override {dotted}={value!r}: {dotted} is a section, not a value: set one of its keys, "
+                          f"e.g. {dotted}.{SECTIONS[dotted]}=...")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
+            raise ConfigError(f"override {dotted}: {part} is {node!r} in the config, not a section of keys; set "
+                              f"{part} to a mapping there")
     node[parts[-1]] = value
 
 

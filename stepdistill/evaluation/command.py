@@ -1,20 +1,64 @@
 """`stepdistill eval`: a miniature preset (digits | shapes: prompt accuracy, FID on the world's classifier
 features vs the teacher's 50-step samples and vs real held-out images) or a COCO preset, on an exported student or
-any diffusers pipeline folder; results and protocol go to metrics.json."""
+any diffusers pipeline folder; results and protocol go to metrics.json. A miniature preset is refused for a model
+of the other world, and settings a preset does not use are refused rather than ignored."""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
+from stepdistill.config import ConfigError
+from stepdistill.config.preflight import check_pipeline_weights, recorded_teacher
 from stepdistill.miniature import DATASETS
 from stepdistill.pipelines import load_exported
+
+logger = logging.getLogger(__name__)
+TEACHER_RECORD = "training.json"  # what `stepdistill teacher WORLD` writes beside a miniature teacher
+
+
+def pipeline_world(folder: str | Path, depth: int = 4) -> str | None:
+    """The miniature world of a pipeline folder: a teacher that `stepdistill teacher WORLD` built (its
+    training.json records the command), or an export of ours distilled from one (its training_config.json names
+    the teacher, itself perhaps an earlier stage's export); None when the records do not say."""
+    folder = Path(folder)
+    record = folder / TEACHER_RECORD
+    if record.is_file():
+        words = str(json.loads(record.read_text()).get("command", "")).split()
+        if words[:2] == ["stepdistill", "teacher"] and len(words) > 2 and words[2] in DATASETS:
+            return words[2]
+    teacher = recorded_teacher(folder)
+    return pipeline_world(teacher, depth - 1) if teacher and depth > 0 else None
+
+
+def check_eval_inputs(args: argparse.Namespace) -> None:
+    """Before the pipeline loads: its weights are complete, a miniature preset matches the model's world, and no
+    option is given that the preset would ignore."""
+    folder = Path(args.pipeline)
+    check_pipeline_weights(folder, "eval:")
+    if args.preset not in DATASETS:
+        return
+    if args.resolution is not None:
+        raise ConfigError(f"eval --resolution applies to the COCO presets (the side images are resized to for FID); "
+                          f"the {args.preset} preset evaluates at its world's "
+                          f"{DATASETS[args.preset].image_size} px: leave --resolution out")
+    world = pipeline_world(folder)
+    if world is not None and world != args.preset:
+        raise ConfigError(f"eval --preset {args.preset}: {folder} is a {world} model (its records name the {world} "
+                          f"teacher), and the {args.preset} metrics would compare it with another world: use "
+                          f"--preset {world}")
+    if world is None:
+        logger.warning("eval --preset %s: %s does not record which miniature world it was trained on; its metrics "
+                       "compare it with the %s world (prompts, classifier, teacher samples)", args.preset, folder,
+                       args.preset)
 
 
 def evaluate_cli(args: argparse.Namespace) -> dict:
     from stepdistill.evaluation.miniature import sampling_kwargs
     from stepdistill.evaluation.sampling_speed import measure_speed
 
+    check_eval_inputs(args)
     pipe, recipe = load_exported(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     out = Path(args.out or Path(args.pipeline) / f"eval-{args.preset}")

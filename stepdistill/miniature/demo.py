@@ -5,10 +5,12 @@ classifier FID, prompt accuracy, images/s)."""
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 
-import torch
+from torch import Tensor
 
 from stepdistill.evaluation.miniature import (
     EVAL_SEED,
@@ -23,6 +25,7 @@ from stepdistill.miniature.dataset import sample_pipeline
 from stepdistill.miniature.teacher import load_teacher
 from stepdistill.pipelines import load_exported
 
+logger = logging.getLogger(__name__)
 DEMO_CONFIG = "dmd2_warm_digits"  # a preset: regression on teacher pairs, then DMD2 from that student
 DEMO_OUTPUT = "runs/demo"
 EVAL_PER_CLASS = 50
@@ -40,14 +43,25 @@ def run_distillation(config: str | Path, overrides: list[str],
     from stepdistill.config import config_from_dict, load_config_tree
     from stepdistill.recipes import train_recipe
     from stepdistill.training import Trainer
-    from stepdistill.training.run import raise_if_stopped
+    from stepdistill.training.run import raise_if_stopped, say_skipped
+    from stepdistill.training.rundir import locked_run_dir
 
     tree = load_config_tree(config, asset_overrides(teacher) + list(overrides))
-    if tree.get("recipe"):
-        return tree, Path(train_recipe(tree)[-1]["export"])
-    result = Trainer(config_from_dict(tree)).train()
+    with locked_run_dir((tree.get("train") or {}).get("output_dir", DEMO_OUTPUT)):
+        if tree.get("recipe"):
+            stages = train_recipe(tree)
+            say_skipped(stages)
+            return tree, Path(stages[-1]["export"])
+        result = Trainer(config_from_dict(tree)).train()
     raise_if_stopped(result)
     return tree, result.final_dir
+
+
+def samples_grid(rows: dict[str, Tensor], dataset: MiniatureDataset, labels: Tensor, path: Path) -> Path:
+    """The demo's samples.png: a row per sampler (named), a column per prompt (its text on top)."""
+    from stepdistill.visualize import labelled_rows
+
+    return labelled_rows(rows, path, column_labels=[dataset.prompts[int(c)] for c in labels])
 
 
 def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str] | None = None,
@@ -68,15 +82,13 @@ def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str]
 
 def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_class: int = EVAL_PER_CLASS,
              teacher: str | MiniatureDataset = "digits") -> dict:
-    from stepdistill.visualize import image_grid
-
     dataset = get_dataset(teacher)
     start = time.perf_counter()
     tree, final_dir = run_distillation(config, [f"train.output_dir={DEMO_OUTPUT}", *overrides], dataset)
     train_seconds = time.perf_counter() - start
     out = Path(tree["train"]["output_dir"])
     teacher_dir = tree["teacher"]["path"]
-    print(f"stepdistill demo: evaluating the {dataset.name} teacher (50 and 1 steps) and student (1 step)", flush=True)
+    logger.info("evaluating the %s teacher (50 and 1 steps) and student (1 step)", dataset.name)
     teacher_pipe = load_teacher(dataset, teacher_dir)
     reference = load_reference(dataset, teacher_dir)  # computed once, then cached in the teacher's folder
     # the teacher's 50-step row: accuracy and FIDs of its cached second reference set (other seeds, the floor),
@@ -88,12 +100,14 @@ def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_class: 
     student = evaluate_student(final_dir, dataset, per_class, EVAL_SEED, teacher_dir=teacher_dir)
     metrics = {"teacher 50-step DDIM": m50, "teacher 1-step DDIM": m1,
                "student 1-step (DMD2)": {k: v for k, v in student.items() if k not in ("teacher", "pipeline", "floors")}}
-    grid_labels = dataset.balanced_labels(2)
+    grid_labels = dataset.balanced_labels(1)  # one column per prompt
     student_pipe, recipe = load_exported(final_dir)
     student_images = sample_pipeline(student_pipe, dataset, grid_labels, recipe["num_inference_steps"],
                                      recipe["guidance_scale"], EVAL_SEED, **sampling_kwargs(recipe))
-    grid = torch.cat([im50[:len(grid_labels)], im1[:len(grid_labels)], student_images])
-    image_grid(grid, out / "samples.png", columns=len(grid_labels))
+    n = len(grid_labels)
+    samples_grid({"teacher 50 steps": im50[:n], "teacher 1 step": im1[:n],
+                  f"student {recipe['num_inference_steps']} step": student_images}, dataset, grid_labels,
+                 out / "samples.png")
     table = markdown_table(metrics, reference, real=f"real test {dataset.name}")
     summary = {"teacher": dataset.name, "output_dir": str(out), "export": str(final_dir),
                "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - start, 1),
@@ -110,6 +124,6 @@ def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_class: 
                             "seed": EVAL_SEED, "images_per_s": "one batch of all the row's samples, wall time"}}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "metrics.md").write_text(table + "\n")
-    print(table, flush=True)
+    print(table, file=sys.stderr, flush=True)  # stdout carries only --json
     return summary
 

@@ -60,17 +60,31 @@ class ForwardTimer:
             h.remove()
 
 
-def median_time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+STEADY = 0.25  # warm-up ends when an iteration is within 25% of the one before it
+MAX_EXTRA_WARMUP = 8
+
+
+def _timed(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
+    sync(device)
+    start = clock()
+    fn()
+    sync(device)
+    return clock() - start
+
+
+def median_time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
+                clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds of `iters` calls after warm-up. Warm-up (kernel selection, lazily built state, the first
+    touch of memory) is excluded from the timing: at least `warmup` calls, then more (up to MAX_EXTRA_WARMUP) until
+    one call takes within STEADY of the call before it, since a first call's cost can outlast a fixed warm-up.
+    `warmup=0` times from the first call (an item too slow to repeat)."""
+    previous = None
+    for n in range(warmup + MAX_EXTRA_WARMUP if warmup else 0):
+        seconds = _timed(fn, device, clock)
+        if n + 1 >= warmup and previous is not None and abs(seconds - previous) <= STEADY * previous:
+            break
+        previous = seconds
+    return statistics.median(_timed(fn, device, clock) for _ in range(iters))
 
 
 def device_info(device: torch.device) -> dict:
