@@ -17,13 +17,15 @@ PRESETS = [
     ("configs/dmd2_sdxl_4step.yaml", "sdxl", [999, 749, 499, 249]),
     ("configs/dmd2_sdxl_1step.yaml", "sdxl", [399]),
     ("configs/dmd2_pixart.yaml", "pixart", [999]),
+    ("configs/dmd2_flux.yaml", "flux", [1000.0, 904.5, 759.5, 512.8]),
 ]
+TINY_SIZE = {"flux": ["data.resolution=16"]}  # presets that name their resolution: the tiny teachers' 16 px
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {k: save_tiny_pipeline(k, root / k) for k in ("sd", "sdxl", "pixart", "sd3")}
+    return {k: save_tiny_pipeline(k, root / k) for k in ("sd", "sdxl", "pixart", "sd3", "flux")}
 
 
 def tiny_overrides(folder, out, extra=()):
@@ -37,6 +39,8 @@ def sample_export(folder, batch=1):
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     recipe = json.loads((folder / RECIPE_FILE).read_text())
     extra = {"use_resolution_binning": False} if "PixArt" in recipe["pipeline_class"] else {}
+    if recipe["pipeline_class"] == "FluxPipeline":  # its default size is 128 latent pixels, not the VAE's
+        extra = {"height": 16, "width": 16}
     out = pipe(["a photo of a cat"] * batch, output_type="latent", **recipe["pipeline_kwargs"], **extra).images
     return pipe, recipe, out
 
@@ -44,12 +48,14 @@ def sample_export(folder, batch=1):
 @pytest.mark.parametrize("preset,kind,timesteps", PRESETS)
 def test_preset_trains_exports_and_samples_with_plain_diffusers(preset, kind, timesteps, tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--json", "--config", preset, *tiny_overrides(tiny[kind], out)]) == 0
+    overrides = tiny_overrides(tiny[kind], out, TINY_SIZE.get(kind, []))
+    assert main(["train", "--json", "--config", preset, *overrides]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3
     pipe, recipe, latents = sample_export(out / "final")
-    assert recipe["student_timesteps"] == timesteps and recipe["guidance_scale"] == 0.0
-    assert pipe.scheduler.timesteps.tolist() == timesteps
+    # guidance off, or the embedded guidance a guidance-distilled teacher's student was trained at (Flux-dev)
+    assert recipe["student_timesteps"] == timesteps and recipe["guidance_scale"] == (3.5 if kind == "flux" else 0.0)
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx(timesteps)
     assert torch.isfinite(latents).all() and latents.shape[0] == 1
 
 

@@ -18,8 +18,8 @@ from stepdistill.perf.arch import REAL_MODELS, arch_config, build_teacher
 from stepdistill.perf.memory import count_saved
 from stepdistill.pipelines import RECIPE_FILE
 from stepdistill.schedules import NoiseSchedule, resolution_shift
-from stepdistill.teachers.flux import FluxTeacher
 from stepdistill.teachers.diffusers_teacher import detect_kind, teacher_class
+from stepdistill.teachers.flux import FluxTeacher
 from stepdistill.teachers.tiny import TINY_KINDS, build_tiny_pipeline, save_tiny_pipeline
 from stepdistill.training import Trainer
 
@@ -158,7 +158,7 @@ def test_gradient_checkpointing_and_bf16_autocast_on_the_flux_backbone(teacher):
     mixed, saved, dtype, loss = grads(net, checkpointing=False, autocast=True)
     assert dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in mixed.values())
-    norm = lambda gs: torch.cat([g.flatten() for g in gs.values()]).norm()  # noqa: E731
+    norm = lambda gs: torch.cat([g.flatten() for g in gs.values()]).norm()
     assert abs(norm(mixed) / norm(plain) - 1) < 0.05  # bf16 matmuls, the same gradient to bf16 precision
     checkpointed, saved_checkpointed, _, _ = grads(net, checkpointing=True, autocast=True)
     assert saved_checkpointed < saved / 4

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch.utils.data import DataLoader
 
 from stepdistill.config import StudentConfig, TeacherConfig, load_config
@@ -24,7 +24,7 @@ PROMPT = "a photo of a cat"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {k: save_tiny_pipeline(k, root / k) for k in ("sd", "sdxl", "pixart", "sd3")}
+    return {k: save_tiny_pipeline(k, root / k) for k in ("sd", "sdxl", "pixart", "sd3", "flux")}
 
 
 def _overrides(folder, out, max_steps, timesteps, extra=()):
@@ -117,7 +117,7 @@ def test_lora_student_exports_merged_backbone_and_loadable_lora(folders, tmp_pat
     torch.testing.assert_close(with_lora, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["pixart", "sd3"])
+@pytest.mark.parametrize("kind", ["pixart", "sd3", "flux"])
 def test_regression_step_on_transformer_teachers_and_one_step_export(kind, folders, tmp_path):
     timesteps = "[999]"
     cfg = load_config(None, _overrides(folders[kind], tmp_path / "run", 1, timesteps))
@@ -133,9 +133,17 @@ def test_regression_step_on_transformer_teachers_and_one_step_export(kind, folde
     generator, teacher = objective.generator, objective.teacher
     pipe, recipe = load_exported(export_student(generator, teacher, tmp_path / "export"))
     noise = torch.randn(1, *teacher.sample_shape)
+
+    def pack(x):  # FluxPipeline takes and returns packed 2x2 latents
+        return FluxPipeline._pack_latents(x, 1, *teacher.sample_shape) if kind == "flux" else x
+
     extra = {"use_resolution_binning": False} if kind == "pixart" else {}  # 16px is not a PixArt bin
-    images = pipe(PROMPT, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"], **extra).images
-    torch.testing.assert_close(images, generator.sample(noise, teacher.encode([PROMPT])), atol=1e-4, rtol=1e-4)
+    if kind == "flux":  # its default size is 128 latent pixels, not the VAE's
+        extra = {"height": 16, "width": 16}
+    images = pipe(PROMPT, latents=pack(noise.clone()), output_type="latent", **recipe["pipeline_kwargs"],
+                  **extra).images
+    expected = generator.sample(noise, teacher.encode([PROMPT]))
+    torch.testing.assert_close(images, pack(expected), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["configs/regression_sd15.yaml", "configs/regression_sdxl.yaml"])
