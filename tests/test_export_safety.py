@@ -108,8 +108,9 @@ def _backbone(teacher):
     return build_backbone(teacher, StudentConfig())
 
 
-PRODUCTS = {  # every kind of student a diffusers teacher exports, built as its objective builds it
-    "one-step (DMD2, regression)": lambda t: build_student(t, StudentConfig(timesteps=[999])),
+# every kind of student a diffusers teacher exports, built as its objective builds it; the one-step student at
+# t=999 (DMD2, regression) is the product of the command-line test below
+PRODUCTS = {
     "one-step at t=399 (DMD2's SDXL trick)": lambda t: build_student(t, StudentConfig(timesteps=[399])),
     "few-step re-noising": lambda t: build_student(t, StudentConfig(timesteps=[999, 749, 499, 249])),
     "consistency (LCM w embedding)": lambda t: GuidanceEmbeddedGenerator(
@@ -153,8 +154,8 @@ def test_routed_students_are_each_a_folder_whose_first_call_works(tiny, tmp_path
 
 
 def test_the_default_call_of_a_cli_export_works_in_plain_diffusers(tiny, tmp_path):
-    """`stepdistill train` then `stepdistill export`, then exactly what a diffusers user types, in a fresh Python
-    that imports nothing of stepdistill."""
+    """A one-step student trained and exported by the command line, then exactly what a diffusers user types, in a
+    fresh Python that imports nothing of stepdistill."""
     run = tmp_path / "run"
     overrides = ["teacher.kind=auto", f"teacher.path={tiny[0]}", "student.kind=copy", "student.timesteps=[999]",
                  "objective.name=regression", "objective.pairs.num=4", "objective.pairs.steps=2",
