@@ -1,5 +1,6 @@
 """Export of trained students by product: a diffusers pipeline folder for students of diffusers teachers
-(diffusers_student.py, with the scheduler of schedulers.py), MLP weights + JSON for the analytic teacher (mlp.py).
+(diffusers_student.py, with the scheduler of schedulers.py and the model card of card.py), MLP weights + JSON for the
+analytic teacher (mlp.py).
 Objectives with another product (a custom pipeline) override `Objective.export` and write through
 `atomic_directory` too; the routed export of K students (MSD, written by the recipe runner) is routed.py. Every
 export is written atomically: a crash leaves the previous one or none."""
