@@ -3,10 +3,11 @@ from stepdistill.data.conditions import (
     DEFAULT_PROMPTS,
     ConditionDataset,
     ConditionSource,
+    PromptFile,
     read_prompts,
 )
-from stepdistill.data.images import ImageFolderDataset, RealImages
+from stepdistill.data.images import ImageFolderDataset, RealImages, open_images
 from stepdistill.data.pairs import PairDataset, generate_pairs, pair_dir
 
 __all__ = ["DEFAULT_PROMPTS", "ConditionDataset", "ConditionSource", "ImageFolderDataset", "PairDataset",
-           "RealImages", "generate_pairs", "pair_dir", "read_prompts"]
+           "PromptFile", "RealImages", "generate_pairs", "open_images", "pair_dir", "read_prompts"]

@@ -1,10 +1,14 @@
-"""What a batch's conditions are: prompts (text teachers) or class labels (the analytic teacher)."""
+"""What a batch's conditions are: prompts (text teachers) or class labels (the analytic teacher). A prompt file is
+read lazily (PromptFile), so a file of millions of prompts costs its line offsets, not its text."""
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -28,10 +32,10 @@ class ConditionSource:
     def __init__(self, teacher: Teacher, prompts: Sequence[str] | None = None) -> None:
         self.teacher = teacher
         self.num_classes = int(teacher.num_classes)
-        self.prompts = list(prompts) if prompts is not None else None
-        if self.prompts is not None and not self.prompts:
+        self.prompts = prompts if prompts is None or isinstance(prompts, PromptFile) else list(prompts)
+        if self.prompts is not None and not len(self.prompts):
             raise ValueError("the prompt list is empty: give a prompts file with one prompt per line")
-        self.train_indices: list[int] = list(range(len(self)))
+        self.train_indices: Sequence[int] = range(len(self))  # a range: no memory per condition
 
     def __len__(self) -> int:
         if self.prompts is not None:
@@ -56,27 +60,82 @@ class ConditionSource:
         self.train_indices = sorted({int(i) for i in indices})
 
     def identity(self) -> list:
-        """What the conditions are (the prompts, or the number of classes): part of every teacher-output cache key."""
-        return list(self.prompts) if self.prompts is not None else [len(self)]
+        """What the conditions are (a digest of the prompts and their count, or the number of classes): part of
+        every teacher-output cache key."""
+        if self.prompts is None:
+            return [len(self)]
+        digest = self.prompts.digest if isinstance(self.prompts, PromptFile) else prompts_digest(self.prompts)
+        return [digest, len(self.prompts)]
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    p = Path(path)
-    if p.is_dir():
-        raise FileNotFoundError(f"prompts file {p} is a directory: give a text file with one prompt per line")
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file {p} does not exist: give a text file with one prompt per line")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {p} is not UTF-8 text ({e.reason} at byte {e.start}): give a text file "
-                         "with one prompt per line") from e
-    if "\x00" in text:
-        raise ValueError(f"prompts file {p} is a binary file: give a text file with one prompt per line")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {p} holds no prompt: write one prompt per line")
-    return prompts
+def prompts_digest(prompts: Iterable[str]) -> str:
+    """sha256 of the prompts, one per line: the same for a list and a file holding it."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(prompt.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+class PromptFile(Sequence[str]):
+    """The prompts of a UTF-8 text file, one per non-empty line (stripped), read on demand.
+
+    One pass records where each prompt starts (8 bytes a prompt in an int64 array: 16 MB for 2M prompts) and a
+    digest of the prompts; a prompt is read from the file (pread, no memory map: mapped pages would count as the
+    process's memory) when asked for. The file must not change while a run uses it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        if p.is_dir():
+            raise FileNotFoundError(f"prompts file {p} is a directory: give a text file with one prompt per line")
+        if not p.is_file():
+            raise FileNotFoundError(f"prompts file {p} does not exist: give a text file with one prompt per line")
+        starts, digest, offset = array("q"), hashlib.sha256(), 0
+        with p.open("rb") as f:
+            for line in f:
+                if b"\x00" in line:
+                    raise ValueError(f"prompts file {p} is a binary file: give a text file with one prompt per line")
+                try:
+                    prompt = line.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"prompts file {p} is not UTF-8 text ({e.reason} at byte {offset + e.start}): "
+                                     "give a text file with one prompt per line") from e
+                if prompt:
+                    starts.append(offset)
+                    digest.update(prompt.encode("utf-8") + b"\n")
+                offset += len(line)
+        if not starts:
+            raise ValueError(f"prompts file {p} holds no prompt: write one prompt per line")
+        self.path, self.digest = p, digest.hexdigest()
+        self.starts = np.frombuffer(starts, dtype=np.int64)
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start, line, size = int(self.starts[i]), b"", 256
+        while b"\n" not in line:
+            chunk = os.pread(self._fd, size, start + len(line))
+            if not chunk:
+                break
+            line, size = line + chunk, size * 2
+        return line.split(b"\n", 1)[0].decode("utf-8").strip()
+
+    def __getstate__(self) -> dict:  # data-loader workers open the file themselves
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def read_prompts(path: str | os.PathLike) -> PromptFile:
+    """The prompts of a file, one per line, checked in one pass and read lazily (PromptFile)."""
+    return PromptFile(path)
 
 
 class ConditionDataset(Dataset):
@@ -84,7 +143,9 @@ class ConditionDataset(Dataset):
     are a source's training conditions, or a count n for 0..n-1."""
 
     def __init__(self, indices: Sequence[int] | int, length: int = 1 << 20) -> None:
-        self.indices = list(range(indices)) if isinstance(indices, int) else list(indices)
+        # a range stays a range (no memory per condition, e.g. a prompt file of millions of lines)
+        self.indices = range(indices) if isinstance(indices, int) else \
+            indices if isinstance(indices, range) else list(indices)
         self.length = max(length, len(self.indices))
 
     def __len__(self) -> int:

@@ -1,19 +1,21 @@
 """Real images: one source for every objective with a real-data branch (DMD2's GAN term). A folder of images,
-checked once up front with the bad-file policy, optionally captioned by a `metadata.jsonl` ({"file_name": ...,
-"text": ...} per line, the layout of the Hugging Face imagefolder), encoded once with the teacher's VAE and cached."""
+optionally captioned by a `metadata.jsonl` ({"file_name": ..., "text": ...} per line, the layout of the Hugging
+Face imagefolder), or a folder of WebDataset tar shards (data/shards.py); checked once up front with the bad-file
+policy, encoded once with the teacher's VAE and cached. `open_images` picks the kind from the folder."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from stepdistill.io import write_atomic
+from stepdistill.io import save_tensors_atomic, write_atomic
 from stepdistill.teachers.base import Teacher
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -62,6 +64,19 @@ class ImageFolderDataset(Dataset):
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
 
+    @property
+    def keys(self) -> list[str]:
+        """What names each image (part of the latent cache's key)."""
+        return [str(f) for f in self.files]
+
+    def samples(self) -> Iterator:
+        """Every usable image, in order, as an RGB PIL image."""
+        from PIL import Image
+
+        for path in self.files:
+            with Image.open(path) as img:
+                yield img.convert("RGB")
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -102,20 +117,19 @@ class RealImages:
     """Real samples as the teacher's latents (each image center-cropped and resized to the teacher's resolution,
     encoded once, cached as `<cache_dir>/real_latents.safetensors`) with their captions, if any."""
 
-    def __init__(self, images: ImageFolderDataset, teacher: Teacher, cache_dir: str | os.PathLike) -> None:
+    def __init__(self, images, teacher: Teacher, cache_dir: str | os.PathLike) -> None:
+        """`images`: an ImageFolderDataset or ImageShards (open_images)."""
         self.captions = images.captions
-        key = hashlib.sha256(json.dumps({"files": [str(f) for f in images.files], "teacher": teacher.identity,
+        key = hashlib.sha256(json.dumps({"files": images.keys, "teacher": teacher.identity,
                                          "shape": list(teacher.sample_shape)}).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / "real_latents.safetensors"
         if cache.is_file() and (cache.with_suffix(".json")).is_file() and \
                 json.loads(cache.with_suffix(".json").read_text()).get("key") == key:
             self.latents = load_file(str(cache))["latents"]
         else:
-            self.latents = encode_images(images.files, teacher)
+            self.latents = encode_images(images.samples(), teacher)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name("." + cache.name + ".tmp")
-            save_file({"latents": self.latents.contiguous()}, str(tmp))
-            os.replace(tmp, cache)
+            save_tensors_atomic({"latents": self.latents.contiguous()}, cache)
             write_atomic(cache.with_suffix(".json"), json.dumps({"key": key}))
 
     def __len__(self) -> int:
@@ -129,8 +143,9 @@ class RealImages:
 
 
 @torch.no_grad()
-def encode_images(files: list[Path], teacher: Teacher, batch_size: int = 16) -> Tensor:
-    """Encode images with the teacher's VAE at the teacher's resolution (center crop, Lanczos resize)."""
+def encode_images(images: Iterator, teacher: Teacher, batch_size: int = 16) -> Tensor:
+    """Encode RGB PIL images (streamed: `batch_size` at a time in memory) with the teacher's VAE at the teacher's
+    resolution (center crop, Lanczos resize)."""
     import numpy as np
     from PIL import Image
 
@@ -139,18 +154,33 @@ def encode_images(files: list[Path], teacher: Teacher, batch_size: int = 16) -> 
                          "none")
     vae = teacher.pipe.vae
     size = teacher.sample_shape[-1] * teacher.pipe.vae_scale_factor
-    out = []
-    for i in range(0, len(files), batch_size):
-        images = []
-        for f in files[i:i + batch_size]:
-            with Image.open(f) as opened:
-                img = opened.convert("RGB")
-            side = min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-            images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
-        x = torch.stack(images).float().div(127.5).sub(1).to(vae.device, vae.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out, batch = [], []
+
+    def encode() -> None:
+        x = torch.stack(batch).float().div(127.5).sub(1).to(vae.device, vae.dtype)
         latents = vae.encode(x).latent_dist.sample()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
         out.append(((latents - shift) * vae.config.scaling_factor).float().cpu())
+        batch.clear()
+
+    for img in images:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+        batch.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+        if len(batch) == batch_size:
+            encode()
+    if batch:
+        encode()
     return torch.cat(out)
+
+
+def open_images(directory: str | os.PathLike, resolution: int = 0, policy: str = "refuse"):
+    """The real images of `data.image_dir`: WebDataset tar shards (ImageShards) when the folder holds `*.tar`
+    files, else an image folder (ImageFolderDataset)."""
+    root = Path(directory)
+    if root.is_dir() and any(root.glob("*.tar")):
+        from stepdistill.data.shards import ImageShards
+
+        return ImageShards(root, resolution, policy)
+    return ImageFolderDataset(root, resolution, policy)

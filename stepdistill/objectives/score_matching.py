@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from stepdistill.config.schema import ConfigError, PairsConfig
-from stepdistill.data import ConditionDataset, ImageFolderDataset, PairDataset, RealImages, generate_pairs
+from stepdistill.data import ConditionDataset, PairDataset, RealImages, generate_pairs, open_images
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
 from stepdistill.teachers.base import Cond
 
@@ -64,8 +64,7 @@ class ScoreMatching(Objective):
             return
         if not self.data_config or not self.data_config.image_dir:
             raise ValueError("objective.data=images needs data.image_dir: a folder of real images with captions")
-        folder = ImageFolderDataset(self.data_config.image_dir, self.data_config.resolution,
-                                    self.data_config.bad_images)
+        folder = open_images(self.data_config.image_dir, self.data_config.resolution, self.data_config.bad_images)
         if folder.captions is None:
             raise ValueError(f"objective.data=images needs captions: add {self.data_config.image_dir}/metadata.jsonl "
                              '({"file_name": ..., "text": ...} per image), or use objective.data=pairs')

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stepdistill.config import Config, ConfigError, check_teacher_source
-from stepdistill.data import ImageFolderDataset, read_prompts
+from stepdistill.data import open_images, read_prompts
 from stepdistill.data.partition import check_partition_config
 from stepdistill.objectives import objective_class
 from stepdistill.training import checkpoint, options
@@ -26,7 +26,7 @@ def check_inputs(cfg: Config, load_teacher: bool, warn: Callable[..., None]) -> 
     if cfg.data.prompts_file:
         read_prompts(cfg.data.prompts_file)
     if cfg.data.image_dir:
-        images = ImageFolderDataset(cfg.data.image_dir, cfg.data.resolution, cfg.data.bad_images)
+        images = open_images(cfg.data.image_dir, cfg.data.resolution, cfg.data.bad_images)
         if images.num_skipped:
             warn("data.image_dir: skipped %d bad files (%s); training on %d images", images.num_skipped,
                  ", ".join(f"{len(v)} {k}" for k, v in images.skipped.items()), len(images))

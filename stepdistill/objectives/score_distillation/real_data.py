@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stepdistill.data import ImageFolderDataset, RealImages
+from stepdistill.data import RealImages, open_images
 from stepdistill.teachers.base import Cond, Teacher
 
 REAL_DATA = ("", "mixture", "images")
@@ -28,7 +28,7 @@ class RealSamples:
         if kind == "images":
             if not data_cfg.image_dir:
                 raise ValueError("objective.real_data=images needs data.image_dir: a folder of real images")
-            folder = ImageFolderDataset(data_cfg.image_dir, data_cfg.resolution, data_cfg.bad_images)
+            folder = open_images(data_cfg.image_dir, data_cfg.resolution, data_cfg.bad_images)
             images = RealImages(folder, teacher, cache_dir)
         return cls(kind, teacher, images)
 
