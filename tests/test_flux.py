@@ -13,11 +13,12 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from stepdistill.config import load_config
+from stepdistill.config import StudentConfig, load_config
 from stepdistill.perf.arch import REAL_MODELS, arch_config, build_teacher
 from stepdistill.perf.memory import count_saved
 from stepdistill.pipelines import RECIPE_FILE
 from stepdistill.schedules import NoiseSchedule, resolution_shift
+from stepdistill.students.build import build_backbone
 from stepdistill.teachers.diffusers_teacher import detect_kind, teacher_class
 from stepdistill.teachers.flux import FluxTeacher
 from stepdistill.teachers.tiny import TINY_KINDS, build_tiny_pipeline, save_tiny_pipeline
@@ -164,6 +165,22 @@ def test_gradient_checkpointing_and_bf16_autocast_on_the_flux_backbone(teacher):
     assert saved_checkpointed < saved / 4
     for name, g in mixed.items():
         torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_student_of_a_bf16_teacher_keeps_its_frozen_base_in_bf16():
+    """A LoRA student's base is frozen: it stays in the teacher's dtype (half the bytes of an fp32 copy; the
+    planner's dmd2_flux / lcm_lora_flux numbers rest on it), the adapters train in fp32 and get the gradient."""
+    pipe = build_tiny_pipeline("flux").to(torch.bfloat16)
+    bf16 = FluxTeacher(pipe)
+    net = build_backbone(bf16, StudentConfig(kind="lora", lora_rank=4, lora_alpha=4.0))
+    frozen = {p.dtype for p in net.parameters() if not p.requires_grad}
+    trained = [p for p in net.parameters() if p.requires_grad]
+    assert frozen == {torch.bfloat16} and trained and {p.dtype for p in trained} == {torch.float32}
+    cond, x = bf16.encode([PROMPT]), torch.randn(1, *bf16.sample_shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16.call(net, x, torch.tensor([500.0]), cond.fields).square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    assert any(p.grad.abs().sum() > 0 for p in trained)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -9,7 +9,13 @@ from torch import nn
 
 from stepdistill.schedules import NoiseSchedule
 from stepdistill.students.base import RenoiseGenerator
-from stepdistill.students.lora import adapter_layers, add_lora, is_diffusers_model, load_adapter_state_dict
+from stepdistill.students.lora import (
+    adapter_layers,
+    adapters_to_fp32,
+    add_lora,
+    is_diffusers_model,
+    load_adapter_state_dict,
+)
 from stepdistill.teachers.base import Teacher
 
 STUDENT_KINDS = ("copy", "smaller", "lora")
@@ -25,8 +31,9 @@ def build_backbone(teacher: Teacher, cfg) -> nn.Module:
         backbone = teacher.build_backbone()
     elif cfg.kind == "smaller":
         backbone = build_smaller_backbone(teacher.build_backbone(), cfg.overrides, cfg.width)
-    elif cfg.kind == "lora":
-        backbone = add_lora(teacher.build_backbone(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    elif cfg.kind == "lora":  # the frozen base in the teacher's dtype (bf16 on a GPU), the adapters in fp32
+        base = teacher.build_backbone(teacher.frozen_dtype)
+        backbone = adapters_to_fp32(add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets))
     else:
         raise ValueError(f"student.kind {cfg.kind!r} is not one of {STUDENT_KINDS}")
     if cfg.init:

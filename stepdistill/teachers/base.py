@@ -135,9 +135,14 @@ class Teacher(ABC):
         """Raw output of the frozen teacher itself, as fp32."""
 
     @abstractmethod
-    def build_backbone(self) -> nn.Module:
-        """A trainable fp32 backbone of the teacher's architecture, initialized from the teacher where it has
-        weights (the starting point of students and fake-score critics)."""
+    def build_backbone(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """A trainable backbone of the teacher's architecture in `dtype` (fp32; a LoRA's frozen base: the teacher's
+        own dtype), initialized from the teacher where it has weights (the start of students and fake scores)."""
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype of the frozen backbone (bf16 on a GPU): what a LoRA student's frozen base is kept in."""
+        return torch.float32 if self.backbone is None else next(self.backbone.parameters()).dtype
 
     def guided_output(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | Tensor = 1.0,
                       net: nn.Module | None = None) -> Tensor:

@@ -121,8 +121,8 @@ class DiffusersTeacher(Teacher):
         self.backbone = net
         setattr(self.pipe, self.backbone_name, net)
 
-    def build_backbone(self) -> nn.Module:
-        return copy.deepcopy(self.backbone).to(torch.float32).requires_grad_(True).train()
+    def build_backbone(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        return copy.deepcopy(self.backbone).to(dtype).requires_grad_(True).train()
 
     # ------------------------------------------------------------------ images and export
     def decode(self, latents: Tensor) -> Tensor:

@@ -118,8 +118,8 @@ class GMMTeacher(Teacher):
     def call(self, net: nn.Module, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:
         return net(x_t, t, **fields).to(torch.float32)
 
-    def build_backbone(self) -> nn.Module:
-        return TimeCondMLP(self.mixture.dim, self.num_classes, self.backbone_hidden, self.backbone_depth)
+    def build_backbone(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        return TimeCondMLP(self.mixture.dim, self.num_classes, self.backbone_hidden, self.backbone_depth).to(dtype)
 
     def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Class labels drawn uniformly (zeros for an unconditional mixture)."""

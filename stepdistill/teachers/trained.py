@@ -54,5 +54,5 @@ class TrainedMLPTeacher(GMMTeacher):
     def model_output(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:
         return self.call(self.backbone, x_t, torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0]), fields)
 
-    def build_backbone(self) -> nn.Module:
-        return copy.deepcopy(self.backbone).to(torch.float32).requires_grad_(True).train()
+    def build_backbone(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        return copy.deepcopy(self.backbone).to(dtype).requires_grad_(True).train()
