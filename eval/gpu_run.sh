@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one device run: install the carried wheels (diffusers is not in the device image), then the h100 preset
-# of eval/speed.py within its time budget. Usage (device tool): bash eval/gpu_run.sh  (carry: .whl)
+# One GPU run: install the wheels placed beside the checkout (for a GPU image without diffusers), then the h100
+# preset of eval/speed.py within its time budget. Usage: bash eval/gpu_run.sh
 set -o pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"

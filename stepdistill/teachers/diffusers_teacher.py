@@ -307,7 +307,7 @@ def load_pipeline(path: str, local_files_only: bool = False, revision: str = "",
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"teacher.path {str(folder)!r} is a folder but not a diffusers pipeline (no model_index.json). Pass "
-                "the folder that `pipe.save_pretrained(...)` or `huggingface-cli download <repo> --local-dir DIR` "
+                "the folder that `pipe.save_pretrained(...)` or `hf download <repo> --local-dir DIR` "
                 "wrote, the one holding model_index.json: teacher.path=/path/to/pipeline_folder")
         return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
     try:
@@ -316,7 +316,7 @@ def load_pipeline(path: str, local_files_only: bool = False, revision: str = "",
         raise FileNotFoundError(
             f"teacher.path {path!r} is not a local folder and could not be loaded as a hub id (offline, not in the "
             f"local cache, or not a diffusers pipeline): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            "\nDownload it where there is network (`huggingface-cli download <repo> --local-dir DIR`, or "
+            "\nDownload it where there is network (`hf download <repo> --local-dir DIR`, or "
             "`DiffusionPipeline.from_pretrained(<repo>).save_pretrained(DIR)`) and pass the local folder: "
             "teacher.path=/path/to/pipeline_folder"
         ) from e
