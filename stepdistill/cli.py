@@ -139,6 +139,8 @@ def build_parser() -> Parser:
     p.add_argument("--config", default=None, action=_Once,
                    help="a YAML file or a preset name (default: the schema's defaults)")
     p.add_argument("--gpu-gib", type=POSITIVE, default=80.0, help="memory of one GPU, GiB")
+    p.add_argument("--num-gpus", type=COUNT, default=1,
+                   help="GPUs in the run (all nodes): above 1, every estimate is per GPU under FSDP full shard")
     p.add_argument("--model", default=None, help="architecture: tiny-sd|tiny-sdxl|sd15|sdxl (default: teacher.kind)")
     p.add_argument("overrides", nargs="*")
     p = command("bench", "training-step and sampling speed: --preset tiny (CPU) | h100 (GPU)")
@@ -247,7 +249,7 @@ def _plan(args: argparse.Namespace) -> dict:
     from stepdistill.config import load_config
     from stepdistill.perf.memory import plan
 
-    return plan(load_config(args.config, args.overrides), args.gpu_gib, args.model)
+    return plan(load_config(args.config, args.overrides), args.gpu_gib, args.model, num_gpus=args.num_gpus)
 
 
 def _plan_table(summary: dict) -> list[str]:

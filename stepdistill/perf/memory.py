@@ -252,13 +252,13 @@ def build_meta_objective(cfg: Config, model: str | None = None) -> Objective:
 
 
 def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bool | None = None,
-         max_shards: int = 8) -> dict:
+         max_shards: int = 8, num_gpus: int = 1) -> dict:
     """Estimates for the config as written (its train.optimizer's state bytes included), then the first option
     set (in order of cost to speed or quality) that fits `gpu_gib`: gradient checkpointing, 8-bit AdamW
     (train.optimizer=adamw_8bit, suggested with an install hint where bitsandbytes is missing), then on top of
     that the teacher's backbone in CPU memory where it is a separate frozen copy (teacher.offload=true), for DMD2
     a LoRA critic sharing the teacher's backbone, a LoRA generator, FSDP over 2..max_shards GPUs. Each row lists
-    the config keys to `set`."""
+    the config keys to `set`. With `num_gpus` > 1 every row is per GPU under FSDP full shard over that many."""
     if bitsandbytes is None:
         try:
             import bitsandbytes
@@ -269,7 +269,7 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
     mp = "no" if cfg.train.mixed_precision == "no" else "bf16"
     t = cfg.train
     base = {"gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
-            "teacher_offload": cfg.teacher.offload, "ema": t.ema_decay > 0}
+            "teacher_offload": cfg.teacher.offload, "ema": t.ema_decay > 0, "shards": num_gpus}
     ckpt = {**base, "gradient_checkpointing": True}
     set_ckpt = ["train.gradient_checkpointing=true"]
     candidates: list[tuple[str, Config, dict, list[str]]] = [  # (name, config, estimate options, keys to set)
@@ -295,7 +295,7 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
         lora.student.kind = "lora"
         candidates.append(("gradient checkpointing + LoRA generator", lora, ckpt, set_ckpt + ["student.kind=lora"]))
     candidates += [(f"gradient checkpointing + FSDP over {n} GPUs (configs/accelerate/fsdp.yaml)", cfg,
-                    {**ckpt, "shards": n}, set_ckpt) for n in (2, 4, 8) if n <= max_shards]
+                    {**ckpt, "shards": n}, set_ckpt) for n in (2, 4, 8) if n <= max_shards and num_gpus == 1]
     budget = gpu_gib * GiB * HEADROOM
     rows, recommendation = [], None
     for name, c, options, keys in candidates:
@@ -305,5 +305,6 @@ def plan(cfg: Config, gpu_gib: float, model: str | None = None, bitsandbytes: bo
         if fits:
             recommendation = name
             break
-    return {"gpu_gib": gpu_gib, "headroom": HEADROOM, "bitsandbytes": bitsandbytes, "estimates": rows,
+    return {"gpu_gib": gpu_gib, "num_gpus": num_gpus, "headroom": HEADROOM, "bitsandbytes": bitsandbytes,
+            "estimates": rows,
             "recommendation": recommendation or "does not fit: lower train.batch_size"}
