@@ -194,6 +194,12 @@ def generate_pairs(teacher: Teacher, source: ConditionSource, cfg, output_dir: s
                            "only the others", done, shards, partial)
             raise
     procs.barrier()
+    absent = [shard_name(k) for k in range(shards) if not (partial / shard_name(k)).is_file()]
+    if absent:  # every process sees it, so none waits for the others
+        raise RuntimeError(f"{len(absent)} pair shards (e.g. {absent[0]}) are not in {partial} after every process "
+                           "finished: on several machines the pair folder must be on storage they all see (set "
+                           "objective.pairs.dir to one)")
+    procs.barrier()  # every process has checked before the folder is renamed
     if procs.is_main:
         (partial / PLAN_FILE).unlink()
         write_atomic(partial / "meta.json", json.dumps(meta))
