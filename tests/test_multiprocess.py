@@ -47,10 +47,10 @@ def tree(name: str, out) -> dict:
     return t
 
 
-def one_process_reference(name: str, out) -> dict[str, dict[str, torch.Tensor]]:
-    """The same run in one process: per step and phase, both ranks' losses (their own RNG streams), gradients
-    averaged, clipped, one optimizer step."""
-    cfg = config_from_dict(tree(name, out))
+def one_process_reference(name: str, out, run: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The same run in one process (`run`: its config tree, else `tree(name, out)`): per step and phase, both
+    ranks' losses (their own RNG streams), gradients averaged, clipped, one optimizer step."""
+    cfg = config_from_dict(run or tree(name, out))
     set_seed(cfg.train.seed)
     objective = build_objective(cfg)
     objective.prepare_data(out, "cpu")

@@ -189,8 +189,9 @@ class Consistency(Objective):
             self._base.append(BaseNetwork(generator.backbone))
             if teacher.backbone is not None:  # one backbone in memory: the teacher's own copy is dropped
                 teacher.share_backbone(self._base[0])
-        # the online parameters by name, kept from before any wrapping (the EMA update reads them)
-        self._online = dict(generator.backbone.named_parameters())
+        # the online network itself, kept from before any wrapping (a plain list: no submodule); the EMA update reads
+        # its parameters by name at each step, as FSDP2 replaces them with their shards in place
+        self._online = [generator.backbone]
         self.target_backbone = frozen_copy(generator.backbone) if config.target == "ema" else None
 
     @classmethod
@@ -296,8 +297,9 @@ class Consistency(Objective):
         """theta^- <- mu theta^- + (1 - mu) theta on the trainable parameters (LCM Algorithm 1)."""
         if self.target_backbone is None:
             return
+        online = dict(self._online[0].named_parameters())
         for name, p_target in self.target_backbone.named_parameters():
-            p = self._online[name]
+            p = online[name]
             if p.requires_grad:
                 p_target.lerp_(p.detach().to(p_target.dtype), 1.0 - self.config.ema_decay)
 

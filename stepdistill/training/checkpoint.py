@@ -161,6 +161,25 @@ def finish_checkpoint(tmp: Path, step: int, keep: int, digest: str) -> Path:
     return final
 
 
+def check_layout(path: Path, num_processes: int, sharded: bool) -> None:
+    """Refuse a resume whose process count or sharding differs from the checkpoint's: FSDP shards are read back by
+    torch.distributed.checkpoint whatever the count, but the learning-rate schedules advance once per process
+    each step (accelerate's scheduler wrapper) and a one-process run reads whole-model files, so such a resume
+    would not continue the same run. Checkpoints that record no layout are not checked."""
+    state = read_state(path)
+    saved_n, saved_sharded = state.get("num_processes"), state.get("sharded")
+    if saved_n is None or (saved_n == num_processes and saved_sharded == sharded):
+        return
+    raise ConfigError(f"train.resume: {path} was written by {_layout(saved_n, saved_sharded)} and this run has "
+                      f"{_layout(num_processes, sharded)}: resume with the launch that wrote it (accelerate launch "
+                      f"--num_processes {saved_n}{' and the same FSDP config' if saved_sharded else ''}), or export "
+                      f"it with `stepdistill export {path}`")
+
+
+def _layout(num_processes: int, sharded: bool) -> str:
+    return f"{num_processes} process{'es' if num_processes > 1 else ''}{' with FSDP (sharded)' if sharded else ''}"
+
+
 def load_accelerate_state(accelerator, path: Path) -> dict:
     """Restore what accelerate saved (weights, optimizers, schedulers, RNG); pickles are loaded tensors-only.
     Returns the trainer state (step, skipped steps)."""

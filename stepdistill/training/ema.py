@@ -1,5 +1,7 @@
 """The generator's exponential moving average: diffusers' EMAModel over the trainable generator parameters, saved
-as safetensors (its own state_dict would be pickled by accelerate)."""
+as safetensors (its own state_dict would be pickled by accelerate). Over a sharded generator (FSDP2) the
+parameters and so the averages are DTensors: each process keeps and saves its shard (torch.distributed.checkpoint,
+a folder instead of the file)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -10,8 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 EMA_FILE = "ema.safetensors"
+EMA_SHARDS = "ema"  # the torch.distributed.checkpoint folder of a sharded EMA
 
 
 class GeneratorEMA:
@@ -43,8 +47,36 @@ class GeneratorEMA:
         finally:
             self.model.restore(self.parameters)
 
+    @property
+    def sharded(self) -> bool:
+        return any(isinstance(s, DTensor) for s in self.model.shadow_params)
+
     def all_finite(self) -> bool:
-        return all(torch.isfinite(s).all() for s in self.model.shadow_params)
+        """Whether this process's averages (its shards, when sharded) are finite."""
+        return all(torch.isfinite(s.to_local() if isinstance(s, DTensor) else s).all()
+                   for s in self.model.shadow_params)
+
+    def _sharded_state(self) -> dict:
+        return {"shadow": {str(i): s for i, s in enumerate(self.model.shadow_params)},
+                "optimization_step": torch.tensor(self.model.optimization_step)}
+
+    def save_sharded(self, folder: Path) -> None:
+        """Every process writes its shards into `folder` (a collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(), checkpoint_id=str(folder))
+
+    def load_sharded(self, folder: Path) -> None:
+        """Read the shards this process holds from `folder`, whatever the process count that wrote it (a
+        collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        if not folder.is_dir():
+            raise ValueError(f"{folder.parent} holds no sharded EMA state ({EMA_SHARDS}/): it was written with "
+                             "train.ema_decay=0 or without FSDP; resume with the settings that wrote it")
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(folder))
+        self.model.optimization_step = int(state["optimization_step"])
 
     def save(self, path: Path) -> None:
         save_file({f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.model.shadow_params)},

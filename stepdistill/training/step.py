@@ -9,7 +9,7 @@ import torch
 
 from stepdistill.errors import RunFailed
 from stepdistill.objectives.base import Objective, get_module
-from stepdistill.training.accel import all_ranks
+from stepdistill.training.accel import all_ranks, clip_grad_norm
 
 logger = logging.getLogger(__name__)
 GENERATOR_MODULE = "generator.backbone"
@@ -64,7 +64,7 @@ class StepRunner:
                 return logs
             self.accelerator.backward(loss)
             params = [p for p in get_module(self.objective, group.module).parameters() if p.requires_grad]
-            norm = self.accelerator.clip_grad_norm_(params, group.max_grad_norm or math.inf)
+            norm = clip_grad_norm(self.accelerator, params, group.max_grad_norm or math.inf)
             if norm is not None and not torch.isfinite(norm):
                 self.zero_all()
                 self._nonfinite("gradient norm", phase, step)

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from stepdistill.io import write_atomic
 from stepdistill.objectives import Objective, build_objective
 from stepdistill.objectives.base import get_module
 from stepdistill.training import accel, checkpoint, options, preflight, rundir
-from stepdistill.training.ema import EMA_FILE, GeneratorEMA
+from stepdistill.training.ema import EMA_FILE, EMA_SHARDS, GeneratorEMA
 from stepdistill.training.guards import SampleGuard
 from stepdistill.training.hooks import DEFAULT_HOOKS, Hook, save_preview
 from stepdistill.training.reporting import RunReport, flat_scalars
@@ -69,6 +69,7 @@ class Trainer:
         self.resume_from = checkpoint.find_resume_checkpoint(self.output_dir, t.resume, self.warn)
         if self.resume_from is not None:
             preflight.check_checkpoint_config(self.resume_from, self.identity, self.config_hash, self.warn)
+            checkpoint.check_layout(self.resume_from, acc.num_processes, accel.is_sharded(acc))
         self.optimizer_class = options.optimizer_class(t.optimizer)  # before the teacher loads
         self._start_run_dir()
         self.objective = objective or build_objective(cfg, acc.device)
@@ -125,10 +126,6 @@ class Trainer:
             optimizers[g.name] = self.optimizer_class(params, lr=g.lr, betas=g.betas, eps=g.eps,
                                                       weight_decay=g.weight_decay)
             schedulers[g.name] = options.lr_scheduler(t, optimizers[g.name], acc.num_processes)
-        ema = None
-        if t.ema_decay > 0:
-            generator = get_module(self.objective, GENERATOR_MODULE)
-            ema = GeneratorEMA([p for p in generator.parameters() if p.requires_grad], t.ema_decay)
         dataset = self.objective.dataset()
         if self.cfg.data.partition.parts > 1 and not isinstance(dataset, ConditionDataset):
             raise ConfigError(f"data.partition restricts the conditions an objective samples, but objective "
@@ -137,6 +134,10 @@ class Trainer:
         loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=True,
                             num_workers=self.cfg.data.num_workers)
         optimizers, schedulers, self.loader = accel.prepare(acc, self.objective, optimizers, schedulers, loader)
+        ema = None
+        if t.ema_decay > 0:  # after prepare: FSDP2 replaces the parameters by their shards
+            generator = get_module(self.objective, GENERATOR_MODULE)
+            ema = GeneratorEMA([p for p in generator.parameters() if p.requires_grad], t.ema_decay)
         if len(self.loader) == 0:
             raise ConfigError(f"train.batch_size {t.batch_size} x {acc.num_processes} processes is larger than the "
                               f"dataset ({len(dataset)} items): lower train.batch_size")
@@ -156,10 +157,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _check_weights_finite(self) -> None:
-        bad = [name for name, p in self.runner.trainable() if not torch.isfinite(p).all()]
+        bad = [name for name, p in self.runner.trainable() if not torch.isfinite(accel.local(p)).all()]
         if self.ema is not None and not self.ema.all_finite():
             bad.append("EMA")
-        if bad:
+        if not accel.all_ranks(self.accelerator, not bad, "all"):  # shards differ: every process decides alike
+            bad = bad or ["a shard on another process"]
             last = checkpoint.list_checkpoints(self.output_dir)
             raise NonFiniteError(f"step {self.step}: non-finite weights in {', '.join(bad[:3])}; no checkpoint was "
                                  "written. Resume from the last complete checkpoint "
@@ -176,6 +178,8 @@ class Trainer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
+            if self.ema is not None and self.ema.sharded:
+                self.ema.save_sharded(tmp / EMA_SHARDS)
             acc.wait_for_everyone()
             final = tmp.with_name(f"{checkpoint.CHECKPOINT_PREFIX}{self.step}")
             if acc.is_main_process:
@@ -199,23 +203,26 @@ class Trainer:
     def _write_own_state(self, tmp: Path) -> None:
         """What accelerate does not save: the EMA, the objective's extra modules, the trainer state (last: it marks
         the checkpoint complete), then the hooks."""
-        if self.ema is not None:
+        sharded = accel.is_sharded(self.accelerator)  # then accelerate saved the objective's modules with the rest
+        if self.ema is not None and not self.ema.sharded:
             self.ema.save(tmp / EMA_FILE)
-        for i, module in enumerate(self.objective.checkpoint_modules()):
+        for i, module in enumerate([] if sharded else self.objective.checkpoint_modules()):
             save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
                       str(tmp / checkpoint.OBJECTIVE_STATE.format(i)))
         checkpoint.write_trainer_state(tmp, {"step": self.step, "skipped_steps": self.skipped_steps,
-                                             "config_hash": self.config_hash, "config": self.identity})
+                                             "config_hash": self.config_hash, "config": self.identity,
+                                             "num_processes": self.accelerator.num_processes, "sharded": sharded})
         for hook in self.hooks:
             hook.on_checkpoint_written(self, tmp)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything save_checkpoint wrote."""
+        sharded = accel.is_sharded(self.accelerator)
         state = checkpoint.load_accelerate_state(self.accelerator, path)
         self.step, self.runner.skipped_steps = state["step"], state["skipped_steps"]
         if self.ema is not None:
-            self.ema.load(path / EMA_FILE)
-        for i, module in enumerate(self.objective.checkpoint_modules()):
+            self.ema.load_sharded(path / EMA_SHARDS) if self.ema.sharded else self.ema.load(path / EMA_FILE)
+        for i, module in enumerate([] if sharded else self.objective.checkpoint_modules()):
             module.load_state_dict(load_file(str(path / checkpoint.OBJECTIVE_STATE.format(i))))
 
     # ------------------------------------------------------------------ steps
@@ -335,35 +342,43 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     @contextmanager
     def inference_generator(self, ema: bool = True) -> Iterator:
-        """The generator with its raw backbone (and the EMA weights inside the block, if asked and on)."""
-        generator = self.objective.generator
+        """The generator with its raw backbone (and the EMA weights inside the block, if asked and on). A sharded
+        backbone is gathered into a plain copy on the main process: every process enters the block then."""
+        generator, acc = self.objective.generator, self.accelerator
         prepared = generator.backbone
-        generator.backbone = accel.unwrap(self.accelerator, prepared)
-        try:
-            if ema and self.ema is not None:
-                with self.ema.applied():
-                    yield generator
-            else:
+        with self.ema.applied() if ema and self.ema is not None else nullcontext():
+            generator.backbone = accel.gathered(acc, prepared) if accel.module_is_sharded(prepared) else \
+                accel.unwrap(acc, prepared)
+            try:
                 yield generator
-        finally:
-            generator.backbone = prepared
+            finally:
+                generator.backbone = prepared
 
     def generator_for_inference(self):
-        """The generator for export: its raw backbone, with the EMA weights copied in when EMA is on (for good)."""
+        """The generator for export: its raw backbone, with the EMA weights copied in when EMA is on (for good). A
+        sharded backbone is gathered once into a plain copy on the main process (every process calls this then)."""
         generator = self.objective.generator
+        if accel.module_is_sharded(generator.backbone):
+            if self.ema is not None:
+                self.ema.copy_to_model()
+            generator.backbone = accel.gathered(self.accelerator, generator.backbone) or generator.backbone
+            return generator
         generator.backbone = accel.unwrap(self.accelerator, generator.backbone)
-        if self.ema is not None:
+        if self.ema is not None and not self.ema.sharded:  # a gathered backbone holds the EMA weights already
             self.ema.copy_to_model()
         return generator
 
     @torch.no_grad()
     def validate(self) -> Path | None:
         """A preview of the current generator (EMA weights) in samples/, also sent to the tracker."""
-        if not self.accelerator.is_main_process:
+        sharded = accel.module_is_sharded(self.objective.generator.backbone)
+        if not (self.accelerator.is_main_process or sharded):
             return None
         out = self.output_dir / "samples" / f"step-{self.step:07d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
         with self.inference_generator(ema=True) as generator:
+            if not self.accelerator.is_main_process:
+                return None
+            out.parent.mkdir(parents=True, exist_ok=True)
             save_preview(generator, self.objective.source, self.cfg.train.num_validation_samples, out,
                          seed=self.cfg.train.seed)
         if self.report is not None:
@@ -379,9 +394,10 @@ class Trainer:
         if not (t.validate_every and self.step % t.validate_every == 0):  # the loop just made this step's preview
             self.validate()
         final_dir = self.output_dir / "final"
+        generator = self.generator_for_inference()  # every process: a sharded generator is gathered
         if acc.is_main_process:
             try:
-                self.objective.export(self.generator_for_inference(), final_dir)
+                self.objective.export(generator, final_dir)
             except Exception as e:
                 raise self._export_failed(final_dir, e) from e
             finish_export(final_dir, self.cfg, self.objective, self.step)
