@@ -14,11 +14,12 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPi
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from stepdistill.config import StudentConfig, load_config
+from stepdistill.export import export_student
 from stepdistill.perf.arch import REAL_MODELS, arch_config, build_teacher
 from stepdistill.perf.memory import count_saved
 from stepdistill.pipelines import RECIPE_FILE
 from stepdistill.schedules import NoiseSchedule, resolution_shift
-from stepdistill.students.build import build_backbone
+from stepdistill.students.build import build_backbone, build_student
 from stepdistill.teachers.diffusers_teacher import detect_kind, teacher_class
 from stepdistill.teachers.flux import FluxTeacher
 from stepdistill.teachers.tiny import TINY_KINDS, build_tiny_pipeline, save_tiny_pipeline
@@ -215,6 +216,19 @@ def test_train_resume_export_and_reload_with_plain_diffusers(folder, tmp_path):
     assert pipe.scheduler.timesteps.tolist() == [1000.0]
     expected = generator.sample(noise, teacher.encode([PROMPT] * 2))
     torch.testing.assert_close(images, packed(expected), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.fullsize
+def test_the_default_call_of_a_flux_export(teacher, tmp_path):
+    """`pipe(prompt)` with no other argument: FluxPipeline's own defaults, 1024 px worth of latents (128 x 128,
+    whatever the VAE: 256 px on the tiny one) and 28 sigmas, which the exported scheduler steps through at the
+    embedded guidance 3.5. About a minute of CPU on the tiny pipeline (4096 tokens a step), hence -m fullsize."""
+    folder = export_student(build_student(teacher, StudentConfig(timesteps=[1000.0])), teacher, tmp_path / "export")
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(PROMPT).images[0]
+    assert type(pipe) is FluxPipeline and image.size == (256, 256) and len(pipe.scheduler.timesteps) == 28
+    assert np.asarray(image).std() > 0
 
 
 # ---------------------------------------------------------------------------------------------- real sizes
