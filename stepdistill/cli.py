@@ -144,7 +144,8 @@ def build_parser() -> Parser:
     p.add_argument("--model", default=None, help="architecture: tiny-sd|tiny-sdxl|sd15|sdxl (default: teacher.kind)")
     p.add_argument("overrides", nargs="*")
     p = command("bench", "training-step and sampling speed: --preset tiny (CPU) | h100 (GPU)")
-    p.add_argument("--preset", choices=["tiny", "h100"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "h100", "fullsize"], default="tiny",
+                   help="fullsize: every SD-scale preset at the real network size on CPU (python eval/fullsize.py)")
     p.add_argument("--out", default="runs/speed", help="folder for speed.json and speed.md")
     p.add_argument("--objectives", nargs="+", default=None, choices=["dmd2", "lcm", "regression"])
     p = command("prompts", "a prompts file (data.prompts_file) from COCO captions JSON, a CSV/Parquet captions "
@@ -268,6 +269,10 @@ def _bench(args: argparse.Namespace) -> dict:
     from stepdistill.perf.speed import run_and_write
 
     out = _out_folder(args.out, "--out")
+    if args.preset == "fullsize":
+        from stepdistill.perf.fullsize import bench
+
+        return bench(out)
     command = f"stepdistill bench --preset {args.preset} --out {args.out}" + \
         (f" --objectives {' '.join(args.objectives)}" if args.objectives else "")
     return run_and_write(args.preset, args.objectives, out, command)

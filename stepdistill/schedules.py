@@ -271,12 +271,13 @@ class NoiseSchedule:
         T = self.num_train_timesteps
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        cpu = torch.device("cpu")  # numbers, not tensors, come out: CPU also under a meta default device (planner)
         if self.kind == "vp":
-            ts = torch.arange(T, 0, -T / num_steps).round() - 1
+            ts = torch.arange(T, 0, -T / num_steps, device=cpu).round() - 1
             return [int(t) for t in ts]
         if self.inference_grid == "flux":
-            sigma_min = torch.tensor(1.0 / num_steps, dtype=torch.float64)
-        else:
-            sigma_min = self.shift_sigma(torch.tensor(1.0 / T, dtype=torch.float64))  # diffusers shifts it twice
-        sigmas = torch.linspace(1.0, float(sigma_min), num_steps, dtype=torch.float64)
+            sigma_min = torch.tensor(1.0 / num_steps, dtype=torch.float64, device=cpu)
+        else:  # diffusers shifts it twice
+            sigma_min = self.shift_sigma(torch.tensor(1.0 / T, dtype=torch.float64, device=cpu))
+        sigmas = torch.linspace(1.0, float(sigma_min), num_steps, dtype=torch.float64, device=cpu)
         return [float(t) for t in (self.shift_sigma(sigmas) * T).to(torch.float32)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -31,8 +31,15 @@ class LiveTensorMemory(TorchDispatchMode):
         for t in _all_tensors() if self._alive is None else self._alive:
             self._track(t)
         self._alive = None
-        self.peak = self.current
+        self.peak = max(self.peak, self.current)
         return super().__enter__()
+
+    def scan(self) -> None:
+        """Count every tensor the garbage collector knows: storages made outside the dispatcher (weights read from
+        a file by safetensors) join the count."""
+        for t in _all_tensors():
+            self._track(t)
+        self.peak = max(self.peak, self.current)
 
     @property
     def current(self) -> int:

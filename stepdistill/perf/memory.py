@@ -50,6 +50,13 @@ class _FlashAttention(torch.autograd.Function):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
+def _flash_attention(*args: Tensor, **kwargs) -> Tensor:
+    """SDPA's signature (q, k, v positional or as query=/key=/value=, as diffusers' attention dispatch passes
+    them) onto _FlashAttention."""
+    q, k, v = [*args, *(kwargs[n] for n in ("query", "key", "value") if n in kwargs)][:3]
+    return _FlashAttention.apply(q, k, v)
+
+
 class _Autocast(TorchFunctionMode):
     """CUDA bf16 autocast's main rules, emulated where autocast does not run (meta tensors): matmuls and
     convolutions in bf16, normalizations in fp32; the weight casts autocast caches are counted too."""
@@ -125,14 +132,7 @@ def condition_like(objective: Objective, batch_size: int, device: torch.device):
     """Conditioning fields of the teacher's shapes, batch `batch_size`, on `device` (no text encoder runs)."""
     from stepdistill.teachers.base import Cond
 
-    teacher, pipe = objective.teacher, objective.teacher.pipe
-    width = objective.generator.backbone.config.cross_attention_dim if hasattr(
-        objective.generator.backbone, "config") else 0
-    fields = {"encoder_hidden_states": torch.randn(batch_size, 77, width, device=device)}
-    if getattr(teacher, "kind", "") == "sdxl":
-        pooled = pipe.text_encoder_2.config.projection_dim
-        fields["text_embeds"] = torch.randn(batch_size, pooled, device=device)
-        fields["time_ids"] = torch.full((batch_size, 6), 512.0, device=device)
+    fields = objective.teacher.fields_like(batch_size, device)
     return Cond(fields, fields, batch_size)
 
 
@@ -142,7 +142,7 @@ def saved_activation_bytes(objective: Objective, phase: str, batch_size: int, mi
     forward = phase_forward(objective, phase, batch_size, device)
     modules = list(trainable_modules(objective).values()) + [objective.generator.backbone]
     original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, **kw: _FlashAttention.apply(q, k, v)
+    F.scaled_dot_product_attention = _flash_attention
     try:
         with count_saved(modules) as seen, (_Autocast() if mixed_precision == "bf16" else _null()):
             forward()
@@ -220,7 +220,18 @@ def separate_teacher(objective: Objective) -> bool:
     return not any(p.requires_grad or p.untyped_storage()._cdata in trained for p in backbone.parameters())
 
 
-ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl"}
+ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3", "flux": "flux"}
+
+
+def model_of(cfg: Config) -> str | None:
+    """The real architecture (perf.arch.REAL_MODELS) of the config's teacher: its kind, with SD2.x and Flux.1
+    schnell told apart by the hub id in teacher.path."""
+    path = cfg.teacher.path.lower()
+    if cfg.teacher.kind == "sd" and "stable-diffusion-2" in path:
+        return "sd21"
+    if cfg.teacher.kind == "flux" and "schnell" in path:
+        return "flux-schnell"
+    return ARCH_OF_KIND.get(cfg.teacher.kind)
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -235,19 +246,22 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return config_from_dict(tree)
 
 
-def build_meta_objective(cfg: Config, model: str | None = None) -> Objective:
-    """The config's objective with a random-architecture teacher (`model`, default from teacher.kind) on the
-    meta device: shapes and dtypes of everything, no memory."""
-    from stepdistill.perf.arch import build_teacher
+def build_meta_objective(cfg: Config, model: str | None = None, text_encoders: str = "full",
+                         device_type: str = "cuda") -> Objective:
+    """The config's objective with a random-architecture teacher (`model`, default from the config: model_of) on
+    the meta device: shapes and dtypes of everything, no memory. teacher.dtype=auto is bf16 on a GPU, fp32 on the
+    CPU (`device_type`), as the loader; `text_encoders` as perf.arch.build_real_pipeline."""
+    from stepdistill.perf.arch import MODELS, build_teacher
 
-    model = model or ARCH_OF_KIND.get(cfg.teacher.kind)
+    model = model or model_of(cfg)
     if model is None:
-        raise ValueError(f"plan knows the architectures {sorted(ARCH_OF_KIND)} (teacher.kind), got "
-                         f"{cfg.teacher.kind!r}: pass --model tiny-sd|tiny-sdxl|sd15|sdxl")
-    teacher_dtype = torch.float32 if cfg.teacher.dtype == "fp32" else torch.bfloat16
+        raise ValueError(f"plan knows the architectures of teacher.kind {sorted(ARCH_OF_KIND)}, got "
+                         f"{cfg.teacher.kind!r}: pass --model, one of {', '.join(MODELS)}")
+    fp32 = cfg.teacher.dtype == "fp32" or (cfg.teacher.dtype == "auto" and device_type == "cpu")
+    teacher_dtype = torch.float32 if fp32 else torch.float16 if cfg.teacher.dtype == "fp16" else torch.bfloat16
     meta_cfg = with_overrides(cfg, objective_class(cfg.objective.name).plan_hints(cfg).meta_overrides)
     with torch.device("meta"):
-        teacher = build_teacher(model, "meta", teacher_dtype)
+        teacher = build_teacher(model, "meta", teacher_dtype, text_encoders)
         return build_objective(meta_cfg, "meta", teacher=teacher, prompts=["a"])
 
 
