@@ -15,7 +15,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from stepdistill.config import StudentConfig, load_config
 from stepdistill.export import export_student
-from stepdistill.perf.arch import REAL_MODELS, arch_config, build_teacher
+from stepdistill.perf.arch import REAL_MODELS, arch_config, build_teacher, model_for
 from stepdistill.perf.memory import count_saved
 from stepdistill.pipelines import RECIPE_FILE
 from stepdistill.schedules import NoiseSchedule, resolution_shift
@@ -234,7 +234,8 @@ def test_the_default_call_of_a_flux_export(teacher, tmp_path):
 # ---------------------------------------------------------------------------------------------- real sizes
 PUBLISHED = {  # backbone parameters of the published checkpoints, latent shape at the native resolution
     "sd15": (859_520_964, (4, 64, 64), "epsilon"), "sd21": (865_910_724, (4, 96, 96), "v_prediction"),
-    "sdxl": (2_567_463_684, (4, 128, 128), "epsilon"), "pixart": (611_349_152, (4, 128, 128), "epsilon"),
+    "sd21-base": (865_910_724, (4, 64, 64), "epsilon"), "sdxl": (2_567_463_684, (4, 128, 128), "epsilon"),
+    "pixart": (611_349_152, (4, 128, 128), "epsilon"), "pixart-512": (610_856_096, (4, 64, 64), "epsilon"),
     "sd3": (2_028_328_000, (16, 128, 128), "flow"), "flux": (11_901_408_320, (16, 128, 128), "flow"),
     "flux-schnell": (11_891_178_560, (16, 128, 128), "flow"),
 }
@@ -247,6 +248,15 @@ def test_published_architectures_build_on_the_meta_device(model):
     assert sum(p.numel() for p in teacher.backbone.parameters()) == params
     assert teacher.sample_shape == shape and teacher.schedule.prediction_type == prediction
     assert all(p.device.type == "meta" for p in teacher.backbone.parameters())
+
+
+def test_the_architecture_of_a_teacher_path():
+    """teacher.path picks the asset by its hub ids (or a local folder named like the repo), else teacher.kind's."""
+    assert model_for("sd", "stabilityai/stable-diffusion-2-1-base") == "sd21-base"
+    assert model_for("sd", "/models/stable-diffusion-2-1/") == "sd21"
+    assert model_for("pixart", "PixArt-alpha/PixArt-XL-2-512x512") == "pixart-512"
+    assert model_for("flux", "black-forest-labs/FLUX.1-schnell") == "flux-schnell"
+    assert model_for("sd", "someone/a-finetune") == "sd15" and model_for("gmm") is None
 
 
 @pytest.mark.fullsize

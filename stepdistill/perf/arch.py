@@ -1,6 +1,6 @@
-"""Teachers at real scale with random weights: SD1.5, SD2.1, SDXL, PixArt-alpha, SD3-medium and Flux.1 pipelines
-built from their published architecture configs (`assets/arch/*.json`, each naming the hub files it copies), no
-download. Speed and memory do not depend on weight values.
+"""Teachers at real scale with random weights: SD1.5, SD2.1 (768-v and 512-base), SDXL, PixArt-alpha (1024 and 512),
+SD3-medium and Flux.1 pipelines built from their published architecture configs (`assets/arch/*.json`, each naming
+the hub files it copies and the hub ids it describes), no download. Speed and memory do not depend on weight values.
 
 Build on `torch.device("meta")` for shapes and bytes without memory (the planner). At real size on CPU the text
 encoders are the trouble: T5-XXL alone is 4.7B parameters (19 GB in fp32). `text_encoders="reduced"` builds each
@@ -19,7 +19,8 @@ from stepdistill.teachers.diffusers_teacher import DiffusersTeacher, detect_kind
 from stepdistill.teachers.tiny import TINY_KINDS
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "assets" / "arch"
-REAL_MODELS = ("sd15", "sd21", "sdxl", "pixart", "sd3", "flux", "flux-schnell")
+REAL_MODELS = ("sd15", "sd21", "sd21-base", "sdxl", "pixart", "pixart-512", "sd3", "flux", "flux-schnell")
+KIND_DEFAULT = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3", "flux": "flux"}  # teacher.kind
 MODELS = tuple(f"tiny-{k}" for k in TINY_KINDS) + REAL_MODELS
 TEXT_ENCODERS = ("full", "reduced")
 
@@ -29,6 +30,17 @@ def arch_config(model: str) -> dict:
     if model not in REAL_MODELS:
         raise ValueError(f"model {model!r} has no architecture asset: use one of {REAL_MODELS}")
     return json.loads((ARCH_DIR / f"{model}.json").read_text())
+
+
+def model_for(kind: str, path: str = "") -> str | None:
+    """The real architecture of a teacher config: the asset whose `hub_ids` hold teacher.path (the hub id, or a
+    local folder named like its repo), else the default of teacher.kind; None for kinds without one (gmm, mlp)."""
+    name = path.rstrip("/").lower()
+    for model in REAL_MODELS:
+        ids = [i.lower() for i in arch_config(model)["hub_ids"]]
+        if name and any(name == i or name.endswith("/" + i.split("/")[-1]) for i in ids):
+            return model
+    return KIND_DEFAULT.get(kind)
 
 
 def _tokenizer(kind: str):
