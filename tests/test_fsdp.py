@@ -1,9 +1,10 @@
 """FSDP2 through `accelerate launch --config_file configs/accelerate/fsdp_cpu.yaml` with 2 gloo processes on CPU:
-DMD2 (with and without its GAN head), consistency with an EMA target and reflow train sharded; the weights equal the
+DMD2 with its GAN head, consistency with an EMA target and reflow train sharded; the weights equal the
 one-process reference of tests/test_multiprocess.py (both ranks' halves of the batch, their own random streams,
 gradients averaged), each rank holds about half of every trainable parameter and of its optimizer state, a run
 SIGKILLed mid-way and resumed equals the uninterrupted one bitwise, a resume on another process count is refused,
-and the sharded run's export has the one-process export's files, keys and shapes."""
+the sharded run's export has the one-process export's files, keys and shapes, and `stepdistill export` reads a
+sharded checkpoint in one process. The digits teacher's 20-iteration comparison is eval/fsdp_digits.py."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from stepdistill.config import ConfigError
 from stepdistill.training.accel import trainable_state_bytes
+from stepdistill.training.restore import export_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -188,3 +190,13 @@ def test_sharded_export_has_the_one_process_export_format(sharded_runs, tmp_path
     a, b = load_file(str(mine / "generator.safetensors")), load_file(str(theirs / "generator.safetensors"))
     assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
     assert all(torch.isfinite(v).all() for v in a.values())
+
+
+def test_stepdistill_export_reads_a_sharded_checkpoint_whole(sharded_runs, tmp_path):
+    """`stepdistill export` of a sharded checkpoint (one process, no process group) writes the run's own export:
+    the generator and its EMA read whole from the shards."""
+    root, _ = sharded_runs
+    summary = export_checkpoint(root / "dmd2_gan" / "checkpoints" / f"checkpoint-{STEPS}", tmp_path / "export")
+    assert summary["weights"] == "ema"
+    assert_same(load_file(str(tmp_path / "export" / "generator.safetensors")),
+                load_file(str(root / "dmd2_gan" / "final" / "generator.safetensors")))

@@ -68,14 +68,14 @@ class GeneratorEMA:
 
     def load_sharded(self, folder: Path) -> None:
         """Read the shards this process holds from `folder`, whatever the process count that wrote it (a
-        collective)."""
+        collective; without a process group, e.g. for export, the whole averages)."""
         import torch.distributed.checkpoint as dcp
 
         if not folder.is_dir():
             raise ValueError(f"{folder.parent} holds no sharded EMA state ({EMA_SHARDS}/): it was written with "
                              "train.ema_decay=0 or without FSDP; resume with the settings that wrote it")
         state = self._sharded_state()
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
         self.model.optimization_step = int(state["optimization_step"])
 
     def save(self, path: Path) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from stepdistill.config import Config, ConfigError, check_teacher_source, config_from_dict, config_to_dict
 from stepdistill.io import write_atomic
 from stepdistill.training import checkpoint
-from stepdistill.training.ema import EMA_FILE, GeneratorEMA
+from stepdistill.training.ema import EMA_FILE, EMA_SHARDS, GeneratorEMA
 from stepdistill.training.rundir import move_aside
 from stepdistill.training.step import GENERATOR_MODULE
 
@@ -110,21 +110,36 @@ def checkpoint_config(path: Path) -> Config:
 
 
 def load_generator_weights(objective, path: Path, weights: str) -> str:
-    """Put the checkpoint's generator weights into the objective's generator; returns which (ema | raw)."""
+    """Put the checkpoint's generator weights into the objective's generator; returns which (ema | raw). A sharded
+    (FSDP) checkpoint is read whole in this one process (torch.distributed.checkpoint reshards)."""
     modules = list(dict.fromkeys(g.module for g in objective.optimizer_groups()))
     i = modules.index(GENERATOR_MODULE)
     backbone = objective.generator.backbone
-    backbone.load_state_dict(load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))))
+    shards = path / f"pytorch_model_fsdp_{i}"
+    if shards.is_dir():
+        backbone.load_state_dict(read_shards(shards, backbone))
+    else:
+        backbone.load_state_dict(load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))))
+    has_ema = (path / EMA_FILE).is_file() or (path / EMA_SHARDS).is_dir()
     if weights == "auto":
-        weights = "ema" if (path / EMA_FILE).is_file() else "raw"
+        weights = "ema" if has_ema else "raw"
     if weights == "ema":
-        if not (path / EMA_FILE).is_file():
+        if not has_ema:
             raise ConfigError(f"export --weights ema: {path} holds no EMA (the run had train.ema_decay=0): use "
                               "--weights raw")
         ema = GeneratorEMA([p for p in backbone.parameters() if p.requires_grad], decay=0.5)
-        ema.load(path / EMA_FILE)
+        ema.load_sharded(path / EMA_SHARDS) if (path / EMA_SHARDS).is_dir() else ema.load(path / EMA_FILE)
         ema.copy_to_model()
     return weights
+
+
+def read_shards(folder: Path, module) -> dict:
+    """A module's full state from accelerate's sharded save (`{"model": state_dict}` in DCP format)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": module.state_dict()}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return state["model"]
 
 
 def export_checkpoint(source: str | Path, out: Path, weights: str = "auto", lora: str = "merged",

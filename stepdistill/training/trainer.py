@@ -76,6 +76,9 @@ class Trainer:
         preflight.check_generator(self.objective.generator, cfg)
         self.objective.check_compatible()
         accel.check_distributed(acc.distributed_type, [g.name for g in self.objective.optimizer_groups()])
+        if accel.is_sharded(acc) and t.sample_stats_every:
+            raise ConfigError("train.sample_stats_every samples the generator on the main process alone, which a "
+                              "sharded (FSDP) generator cannot do: set train.sample_stats_every=0 under FSDP")
         self.objective.to(acc.device)  # the teacher is no submodule: its backbone stays where it was loaded
         with acc.main_process_first():
             self.objective.prepare_data(str(self.output_dir), acc.device)
