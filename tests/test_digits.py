@@ -50,7 +50,7 @@ def test_shipped_teacher_is_a_plain_sd_pipeline_that_draws_the_prompted_digit():
     assert prompt_accuracy(images, labels, ClassifierFeatures(DIGITS.classifier_dir)) >= 0.9
 
 
-def test_demo_through_the_cli_in_a_few_steps(tmp_path):
+def test_demo_through_the_cli_in_a_few_steps(tmp_path, capsys):
     from PIL import Image
 
     from stepdistill.pipelines import load_exported
@@ -59,6 +59,8 @@ def test_demo_through_the_cli_in_a_few_steps(tmp_path):
     assert main(["demo", "--eval-per-digit", "2", "train.max_steps=2", "train.batch_size=4",
                  "objective.pairs.num=8", "objective.pairs.steps=2", f"train.output_dir={out}",
                  "train.device_threads=1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and "| student 1-step (DMD2) | 1 |" in printed.err  # the table on stderr, as --json is not
     metrics = json.loads((out / "metrics.json").read_text())
     # the warm start: a regression stage, then DMD2 from its export, whose export the demo evaluates
     assert json.loads((out / "regression" / "stage.json").read_text())["steps"] == 2

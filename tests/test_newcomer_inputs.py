@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +37,25 @@ CASES = {
 }
 
 
+def run_main(capsys, *args: object) -> tuple[int, str]:
+    """The command line in this process (no second interpreter to start): exit code and stderr."""
+    from stepdistill.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    printed = capsys.readouterr()
+    assert printed.out == ""  # --json alone writes stdout
+    return code, printed.err
+
+
+def assert_refused(code: int, err: str, *culprits: str) -> None:
+    """Exit 2 and a last line `stepdistill: error: ...` holding every culprit."""
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("stepdistill: error: "), err[-3000:]
+    for culprit in culprits:
+        assert culprit in last, f"{culprit!r} not in {last!r}"
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_unclear_or_silent_input_is_one_line_naming_it(case, tmp_path):
     (tmp_path / "empty.yaml").write_text("")
@@ -55,32 +75,33 @@ def test_yaml_no_is_the_word_no_where_a_choice_holds_it(tmp_path):
     assert load_config(tmp_path / "c.yaml").train.mixed_precision == "no"
 
 
-def test_overwrite_refuses_the_working_folder_and_moves_nothing(tmp_path):
+def test_overwrite_refuses_the_working_folder_and_moves_nothing(tmp_path, capsys, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "mine.txt").write_text("a user's file")
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = run_cli("train", "--config", "vsd_gmm", "train.output_dir=.", "train.overwrite=true", cwd=tmp_path)
-    assert_fails(proc, 2, "train.output_dir .", "working folder", "train.output_dir=runs/my_run")
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "train", "--config", "vsd_gmm", "train.output_dir=.", "train.overwrite=true")
+    assert_refused(code, err, "train.output_dir .", "working folder", "train.output_dir=runs/my_run")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert not list(tmp_path.parent.glob(f"{tmp_path.name}.replaced-*"))
 
 
-def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    fd = os.open(run / ".stepdistill.lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(run / ".stepdistill.lock", os.O_RDWR | os.O_CREAT)  # another open file: flock conflicts with it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a training process holds
-        proc = run_cli("train", "--config", "vsd_gmm", f"train.output_dir={run}", "train.max_steps=1", cwd=tmp_path)
+        code, err = run_main(capsys, "train", "--config", "vsd_gmm", f"train.output_dir={run}", "train.max_steps=1")
     finally:
         os.close(fd)
-    assert_fails(proc, 2, f"train.output_dir {run} is in use by another training process", "choose another")
+    assert_refused(code, err, f"train.output_dir {run} is in use by another training process", "choose another")
     assert not (run / "config.json").exists()
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_eval_names_missing_or_truncated_weights_and_the_fix(damage, tmp_path):
+def test_eval_names_missing_or_truncated_weights_and_the_fix(damage, tmp_path, capsys):
     folder = tmp_path / "pipe"
     shutil.copytree(DIGITS_TEACHER, folder)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -88,10 +109,10 @@ def test_eval_names_missing_or_truncated_weights_and_the_fix(damage, tmp_path):
         weights.unlink()
     else:
         weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
-    proc = run_cli("eval", folder, "--out", tmp_path / "eval", cwd=tmp_path)
+    code, err = run_main(capsys, "eval", folder, "--out", tmp_path / "eval")
     culprit = "unet/ holds no weights file" if damage == "missing" else \
         "unet/diffusion_pytorch_model.safetensors is truncated or corrupt"
-    assert_fails(proc, 2, str(folder), culprit, "write it again")
+    assert_refused(code, err, str(folder), culprit, "write it again")
 
 
 # ---------------------------------------------------------------------------------------------- one digits run
@@ -161,27 +182,39 @@ def test_demo_grid_names_its_rows_and_prompts(tmp_path):
     assert image.crop((left, 0, image.width, top)).getextrema()[0] < 128  # prompts written
 
 
-def test_plan_prints_a_table_without_diffusers_float32_warnings(tmp_path):
-    proc = run_cli("plan", "--config", "regression_sd15", "--model", "tiny-sd", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout == ""  # --json alone writes stdout
-    assert "should be kept in float32" not in proc.stderr
-    lines = proc.stderr.splitlines()
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_plan_prints_a_table_without_diffusers_float32_warnings(capsys):
+    diffusers_log, records = logging.getLogger("diffusers"), _Records()  # its handler holds the real stderr
+    diffusers_log.addHandler(records)
+    try:
+        code, err = run_main(capsys, "plan", "--config", "regression_sd15", "--model", "tiny-sd")
+    finally:
+        diffusers_log.removeHandler(records)
+    assert code == 0, err[-3000:]
+    assert not [m for m in records.messages if "should be kept in float32" in m]
+    lines = err.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["option", "fits", "total"])
     assert lines[header + 1].split()[:3] == ["as", "configured", "yes"]
-    assert "recommendation: as configured" in proc.stderr
+    assert "recommendation: as configured" in err
 
 
-def test_a_rerun_recipe_says_which_stages_it_skipped(tmp_path):
+def test_a_rerun_recipe_says_which_stages_it_skipped(tmp_path, capsys):
     args = ["train", "--config", "reflow_gmm", "--stage", "rf2", f"train.output_dir={tmp_path}/run",
             "train.max_steps=2", "train.batch_size=8", "objective.pairs.num=16", "objective.pairs.steps=2",
-            "train.num_validation_samples=8"]
-    first = run_cli(*args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "skipped" not in first.stderr
-    again = run_cli(*args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"stage rf2 had finished in {tmp_path}/run/rf2 with this config: skipped" in again.stderr
+            "train.num_validation_samples=8", "train.progress=false"]
+    code, err = run_main(capsys, *args)
+    assert code == 0 and "skipped" not in err, err[-3000:]
+    code, err = run_main(capsys, *args)
+    assert code == 0, err[-3000:]
+    assert f"stage rf2 had finished in {tmp_path}/run/rf2 with this config: skipped" in err
 
 
 def test_timing_excludes_a_warm_up_longer_than_the_fixed_one():
