@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import signal
 import threading
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from stepdistill.config import Config, ConfigError, config_to_dict
@@ -28,13 +26,13 @@ from stepdistill.errors import RunFailed
 from stepdistill.io import write_atomic
 from stepdistill.objectives import Objective, build_objective
 from stepdistill.objectives.base import get_module
-from stepdistill.training import accel, checkpoint, options, preflight, rundir
-from stepdistill.training.ema import EMA_FILE, EMA_SHARDS, GeneratorEMA
+from stepdistill.training import accel, checkpoint, options, preflight, rundir, saving
+from stepdistill.training.ema import GeneratorEMA
 from stepdistill.training.guards import SampleGuard
 from stepdistill.training.hooks import DEFAULT_HOOKS, Hook, save_preview
 from stepdistill.training.reporting import RunReport, flat_scalars
 from stepdistill.training.restore import finish_export
-from stepdistill.training.step import GENERATOR_MODULE, NonFiniteError, StepRunner
+from stepdistill.training.step import GENERATOR_MODULE, StepRunner
 
 logger = logging.getLogger(__name__)
 
@@ -159,74 +157,13 @@ class Trainer:
         return self.runner.skipped_steps
 
     # ------------------------------------------------------------------ checkpoints
-    def _check_weights_finite(self) -> None:
-        bad = [name for name, p in self.runner.trainable() if not torch.isfinite(accel.local(p)).all()]
-        if self.ema is not None and not self.ema.all_finite():
-            bad.append("EMA")
-        if not accel.all_ranks(self.accelerator, not bad, "all"):  # shards differ: every process decides alike
-            bad = bad or ["a shard on another process"]
-            last = checkpoint.list_checkpoints(self.output_dir)
-            raise NonFiniteError(f"step {self.step}: non-finite weights in {', '.join(bad[:3])}; no checkpoint was "
-                                 "written. Resume from the last complete checkpoint "
-                                 f"({last[-1] if last else 'none'}) with a lower learning rate")
-
     def save_checkpoint(self) -> Path:
-        """Everything a resume needs, written atomically; weights are checked first, so a checkpoint never holds
-        NaN/inf."""
-        acc = self.accelerator
-        self._check_weights_finite()
-        tmp = self.output_dir / "checkpoints" / f"{checkpoint.TMP_PREFIX}{self.step}"
-        if acc.is_main_process:
-            checkpoint.begin_checkpoint(self.output_dir, self.step)
-        acc.wait_for_everyone()
-        try:
-            acc.save_state(str(tmp))
-            if self.ema is not None and self.ema.sharded:
-                self.ema.save_sharded(tmp / EMA_SHARDS)
-            acc.wait_for_everyone()
-            final = tmp.with_name(f"{checkpoint.CHECKPOINT_PREFIX}{self.step}")
-            if acc.is_main_process:
-                self._write_own_state(tmp)
-                final = checkpoint.finish_checkpoint(tmp, self.step, self.cfg.train.checkpoints_limit,
-                                                     self.config_hash)
-        except Exception as e:  # a full disk, say (torch reports it as a failed zip write): say so, free the space
-            free = shutil.disk_usage(tmp.parent).free / 2**20
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise RunFailed(f"writing checkpoint-{self.step} into {tmp.parent} failed ({str(e).splitlines()[0]}) "
-                            f"with {free:.1f} MiB free on that disk: free space, or choose another "
-                            "train.output_dir") from e
-        except BaseException:  # an abort: the partial folder goes
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        acc.wait_for_everyone()
-        return final
-
-    def _write_own_state(self, tmp: Path) -> None:
-        """What accelerate does not save: the EMA, the objective's extra modules, the trainer state (last: it marks
-        the checkpoint complete), then the hooks."""
-        sharded = accel.is_sharded(self.accelerator)  # then accelerate saved the objective's modules with the rest
-        if self.ema is not None and not self.ema.sharded:
-            self.ema.save(tmp / EMA_FILE)
-        for i, module in enumerate([] if sharded else self.objective.checkpoint_modules()):
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                      str(tmp / checkpoint.OBJECTIVE_STATE.format(i)))
-        checkpoint.write_trainer_state(tmp, {"step": self.step, "skipped_steps": self.skipped_steps,
-                                             "config_hash": self.config_hash, "config": self.identity,
-                                             "num_processes": self.accelerator.num_processes, "sharded": sharded})
-        for hook in self.hooks:
-            hook.on_checkpoint_written(self, tmp)
+        """Everything a resume needs, written atomically (training/saving.py)."""
+        return saving.save_checkpoint(self)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything save_checkpoint wrote."""
-        sharded = accel.is_sharded(self.accelerator)
-        state = checkpoint.load_accelerate_state(self.accelerator, path)
-        self.step, self.runner.skipped_steps = state["step"], state["skipped_steps"]
-        if self.ema is not None:
-            self.ema.load_sharded(path / EMA_SHARDS) if self.ema.sharded else self.ema.load(path / EMA_FILE)
-        for i, module in enumerate([] if sharded else self.objective.checkpoint_modules()):
-            module.load_state_dict(load_file(str(path / checkpoint.OBJECTIVE_STATE.format(i))))
+        saving.load_checkpoint(self, path)
 
     # ------------------------------------------------------------------ steps
     def batches(self) -> Iterator[dict]:
