@@ -220,18 +220,12 @@ def separate_teacher(objective: Objective) -> bool:
     return not any(p.requires_grad or p.untyped_storage()._cdata in trained for p in backbone.parameters())
 
 
-ARCH_OF_KIND = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3", "flux": "flux"}
-
-
 def model_of(cfg: Config) -> str | None:
-    """The real architecture (perf.arch.REAL_MODELS) of the config's teacher: its kind, with SD2.x and Flux.1
-    schnell told apart by the hub id in teacher.path."""
-    path = cfg.teacher.path.lower()
-    if cfg.teacher.kind == "sd" and "stable-diffusion-2" in path:
-        return "sd21"
-    if cfg.teacher.kind == "flux" and "schnell" in path:
-        return "flux-schnell"
-    return ARCH_OF_KIND.get(cfg.teacher.kind)
+    """The real architecture (perf.arch.REAL_MODELS) of the config's teacher: the asset whose hub ids hold
+    teacher.path (SD2.1 768-v or 512-base, PixArt 1024 or 512, Flux.1 dev or schnell), else teacher.kind's."""
+    from stepdistill.perf.arch import model_for
+
+    return model_for(cfg.teacher.kind, cfg.teacher.path)
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -251,11 +245,11 @@ def build_meta_objective(cfg: Config, model: str | None = None, text_encoders: s
     """The config's objective with a random-architecture teacher (`model`, default from the config: model_of) on
     the meta device: shapes and dtypes of everything, no memory. teacher.dtype=auto is bf16 on a GPU, fp32 on the
     CPU (`device_type`), as the loader; `text_encoders` as perf.arch.build_real_pipeline."""
-    from stepdistill.perf.arch import MODELS, build_teacher
+    from stepdistill.perf.arch import KIND_DEFAULT, MODELS, build_teacher
 
     model = model or model_of(cfg)
     if model is None:
-        raise ValueError(f"plan knows the architectures of teacher.kind {sorted(ARCH_OF_KIND)}, got "
+        raise ValueError(f"plan knows the architectures of teacher.kind {sorted(KIND_DEFAULT)}, got "
                          f"{cfg.teacher.kind!r}: pass --model, one of {', '.join(MODELS)}")
     fp32 = cfg.teacher.dtype == "fp32" or (cfg.teacher.dtype == "auto" and device_type == "cpu")
     teacher_dtype = torch.float32 if fp32 else torch.float16 if cfg.teacher.dtype == "fp16" else torch.bfloat16
