@@ -397,8 +397,12 @@ def test_output_dir_holding_another_run(regression_reference, tmp_path):
 
 
 def test_resume_path_not_a_checkpoint(tmp_path):
+    partial = tmp_path / "checkpoints" / ".tmp-checkpoint-5"
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_trainer(tiny_tree(tmp_path, resume=str(partial)))
+    partial.mkdir(parents=True)  # an interrupted write: the folder without its trainer state
     with pytest.raises(ConfigError, match="is not a complete checkpoint"):
-        make_trainer(tiny_tree(tmp_path, resume=str(tmp_path / "checkpoints" / ".tmp-checkpoint-5")))
+        make_trainer(tiny_tree(tmp_path, resume=str(partial)))
 
 
 def test_resume_checkpoint_of_another_model(regression_reference, tmp_path):
