@@ -138,13 +138,13 @@ def choose_options(preset: str, model: str, root: Path, budget_gib: float) -> tu
 
 
 class _Probe:
-    """A trainer hook: counts live tensor memory from each launch's start, times the training steps, asks the
-    first launch to stop after its first step (the trainer's SIGTERM path: checkpoint, then stop)."""
+    """A trainer hook: times each training step and measures its peak of live tensor memory (from the bytes alive
+    as the step starts: weights, optimizer states, caches; checkpoint writes and the export left out), and asks
+    the first launch to stop after its first step (the trainer's SIGTERM path: checkpoint, then stop)."""
 
     def __init__(self, memory) -> None:
         self.memory, self.launches, self.step_s, self.params = memory, 0, [], {}
-        self.start_bytes: list[int] = []  # live tensor bytes as each launch starts training
-        self.train_peak = 0  # the largest peak over a launch's training steps (loading and export left out)
+        self.train_peak = 0
 
     def __call__(self):
         return self
@@ -153,26 +153,30 @@ class _Probe:
         import torch
 
         self.launches += 1
-        self.memory.scan()
-        self.start_bytes.append(self.memory.current)
-        self.memory.peak = self.memory.current
+        self.memory.scan()  # weights read from files were made outside the dispatcher
         objective = trainer.objective
         trainable = {p.untyped_storage()._cdata: p.numel() for p in objective.parameters() if p.requires_grad}
         pipe_modules = [m for m in objective.teacher.pipe.components.values() if isinstance(m, torch.nn.Module)]
         frozen = {p.untyped_storage()._cdata: p.numel() for m in [objective, *pipe_modules] for p in m.parameters()
                   if p.untyped_storage()._cdata not in trainable}
         self.params = {"trainable": sum(trainable.values()), "frozen": sum(frozen.values())}
-        self._last = time.perf_counter()
+        step = trainer.train_step
+
+        def measured_step(batch):
+            started = time.perf_counter()
+            self.memory.peak = self.memory.current
+            logs = step(batch)
+            self.train_peak = max(self.train_peak, self.memory.peak)
+            self.step_s.append(time.perf_counter() - started)
+            return logs
+
+        trainer.train_step = measured_step
 
     def on_step_end(self, trainer, logs) -> None:
         import signal
 
-        now = time.perf_counter()
-        self.step_s.append(now - self._last)
-        self.train_peak = max(self.train_peak, self.memory.peak)
         if self.launches == 1 and trainer.step == 1:
             trainer._signal = signal.SIGTERM
-        self._last = time.perf_counter()  # checkpoint writes are not iteration time
 
     def on_checkpoint_written(self, trainer, folder) -> None:
         pass
@@ -244,8 +248,7 @@ def preset_case(preset: str, root: Path, budget_gib: float) -> dict:
     exports = sorted(out_dir.rglob("final/stepdistill.json"), key=lambda p: p.stat().st_mtime)
     row.update(launches=probe.launches, checkpoints=stopped_at, params=probe.params,
                seconds_per_iteration=sorted(probe.step_s)[len(probe.step_s) // 2] if probe.step_s else None,
-               measured_gib=probe.train_peak / GiB, launch_start_gib=[b / GiB for b in probe.start_bytes],
-               plan_gib=tried[-1].get("plan_gib"))
+               measured_gib=probe.train_peak / GiB, plan_gib=tried[-1].get("plan_gib"))
     if not exports:
         row["status"] = "no export written"
         return row

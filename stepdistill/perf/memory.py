@@ -256,6 +256,8 @@ def build_meta_objective(cfg: Config, model: str | None = None, text_encoders: s
     meta_cfg = with_overrides(cfg, objective_class(cfg.objective.name).plan_hints(cfg).meta_overrides)
     with torch.device("meta"):
         teacher = build_teacher(model, "meta", teacher_dtype, text_encoders)
+        if cfg.data.resolution:  # build_objective applies it only to a teacher it loads itself
+            teacher.set_resolution(cfg.data.resolution)
         return build_objective(meta_cfg, "meta", teacher=teacher, prompts=["a"])
 
 

@@ -69,6 +69,7 @@ def planner_case(preset: str, model: str, overrides: list[str], budget_gib: floa
         torch.manual_seed(0)
         started = time.perf_counter()
         teacher = build_teacher(model, "cpu", torch.float32, encoders)
+        teacher.set_resolution(64)  # SMALL's data.resolution: build_objective applies it only to a teacher it loads
         objective = build_objective(cfg, "cpu", teacher=teacher, prompts=DEFAULT_PROMPTS)
         trainer = Trainer(cfg, objective)
         row["build_s"] = time.perf_counter() - started
