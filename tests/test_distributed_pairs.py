@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from cli_utils import assert_fails, run_cli
+from cli_utils import assert_fails, run_cli, started
 from safetensors.torch import load_file
 
 from stepdistill.config import config_from_dict
@@ -55,10 +55,6 @@ def env() -> dict:
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def default_sigint() -> None:  # children start with Ctrl-C working, whatever the caller's state
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def cache(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {f.name: load_file(str(f)) for f in sorted(folder.glob("pairs-*.safetensors"))}
 
@@ -84,15 +80,13 @@ def test_killed_generation_resumes_on_two_processes_and_equals_one_process(tmp_p
     config.write_text(yaml.safe_dump(tree(tmp_path / "run")))
     args = ["pairs", "--config", str(config), "--shard-size", str(SHARD), "--batch-size", str(SHARD)]
     paused = tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(paused), *args], cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    try:
+    with started([sys.executable, "-c", KILLED, str(paused), *args], cwd=tmp_path, env=env(),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.monotonic() + 300  # a bound against hangs, not a timing assertion
         while not paused.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.1)
-    finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
     partial = tmp_path / "run" / "pairs.partial"
     finished = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in partial.glob("pairs-*.safetensors")}
@@ -104,12 +98,8 @@ def test_killed_generation_resumes_on_two_processes_and_equals_one_process(tmp_p
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               str(port), "-m", "stepdistill", *args, "--json"]
-    proc = subprocess.Popen(launch, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=default_sigint)
-    try:
+    with started(launch, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     decoder, summaries, text = json.JSONDecoder(), [], stdout.strip()
     while text:  # one JSON summary per process
