@@ -335,3 +335,19 @@ def test_deepspeed_zero2_accelerate_config_parses():
     assert cfg.distributed_type == DistributedType.DEEPSPEED and cfg.mixed_precision == "bf16"
     assert cfg.num_machines == 1 and cfg.deepspeed_config["zero_stage"] == 2
     assert "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml" in path.read_text()
+
+
+def test_generator_for_inference_drops_the_autocast_wrapper(tmp_path):
+    """After a bf16 run the generator used for export and in-process sampling runs in its own dtype (fp32), as the
+    exported weights do, instead of keeping accelerate's bf16 autocast forward."""
+    trainer = gmm_trainer(tmp_path / "run", mixed_precision="bf16")
+    trainer.train_steps(1)
+    wrapped = trainer.objective.generator.backbone
+    x = torch.randn(64, 2)
+    t = torch.full((64,), 999.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_out = wrapped(x, t).float()
+    backbone = trainer.generator_for_inference().backbone
+    plain = type(backbone).forward(backbone, x, t)
+    assert torch.equal(backbone(x, t), plain)
+    assert not torch.allclose(plain, bf16_out, atol=1e-4)  # the wrapper would have changed the numbers

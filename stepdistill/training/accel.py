@@ -200,9 +200,11 @@ def clip_grad_norm(accelerator: Accelerator, parameters: list[nn.Parameter], max
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def unwrap(accelerator: Accelerator, module: nn.Module) -> nn.Module:
-    """The raw module inside a prepared one (DDP, FSDP, compiled): export, EMA and previews use it."""
-    return accelerator.unwrap_model(module)
+def unwrap(accelerator: Accelerator, module: nn.Module, keep_autocast: bool = True) -> nn.Module:
+    """The raw module inside a prepared one (DDP, FSDP, compiled): export, EMA and previews use it. With
+    `keep_autocast=False` the mixed-precision forward wrapper is removed from the module for good (after training),
+    so inference runs in the module's own dtype, as the export does."""
+    return accelerator.unwrap_model(module, keep_fp32_wrapper=keep_autocast)
 
 
 def all_ranks(accelerator: Accelerator, flag: bool, reduce: str) -> bool:

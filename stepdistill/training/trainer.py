@@ -303,7 +303,7 @@ class Trainer:
                 self.ema.copy_to_model()
             generator.backbone = accel.gathered(self.accelerator, generator.backbone) or generator.backbone
             return generator
-        generator.backbone = accel.unwrap(self.accelerator, generator.backbone)
+        generator.backbone = accel.unwrap(self.accelerator, generator.backbone, keep_autocast=False)
         if self.ema is not None and not self.ema.sharded:  # a gathered backbone holds the EMA weights already
             self.ema.copy_to_model()
         return generator
