@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import traceback
@@ -363,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun the main process reports
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
