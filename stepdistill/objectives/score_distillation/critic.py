@@ -2,7 +2,6 @@
 copy, or a LoRA inside the teacher's own backbone) and DMD2's GAN head on its bottleneck (DMD2 §4.3)."""
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
