@@ -22,13 +22,41 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "metadata.jsonl"
 
 
+def admit_image(source, name: str, resolution: int, skipped: dict[str, list[str]]) -> bool:
+    """Whether the image at `source` (a path or a file object) decodes and has the size `resolution` (when set);
+    otherwise `name` is recorded in `skipped` under its reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as img:
+            img.load()
+            size = img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        skipped["unreadable"].append(name)
+        return False
+    if resolution and size != (resolution, resolution):
+        skipped["mis-sized"].append(f"{name} ({size[0]}x{size[1]})")
+        return False
+    return True
+
+
+def refuse_bad_images(root: Path, skipped: dict[str, list[str]], resolution: int, policy: str,
+                      unit: str) -> list[str]:
+    """The bad-file policy: with "refuse", any skipped image stops the run with a list of them; the list either way."""
+    bad = [f"{reason}: {f}" for reason, items in skipped.items() for f in items]
+    if bad and policy == "refuse":
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        expected = f" (expected {resolution}x{resolution})" if resolution else ""
+        raise ValueError(f"data.image_dir {root} has {len(bad)} bad {unit}{expected}: {shown}. Fix or remove "
+                         "them, or set data.bad_images=skip to train without them")
+    return bad
+
+
 class ImageFolderDataset(Dataset):
     """Real images from a folder, every file decoded once up front: unreadable files, and files whose size is not
     `resolution` x `resolution` (when set), are refused with a list of them, or skipped and counted."""
 
     def __init__(self, directory: str | os.PathLike, resolution: int = 0, policy: str = "refuse") -> None:
-        from PIL import Image
-
         root = Path(directory)
         if not root.is_dir():
             what = "is a file" if root.exists() else "does not exist"
@@ -37,23 +65,9 @@ class ImageFolderDataset(Dataset):
         self.files: list[Path] = []
         self.skipped: dict[str, list[str]] = {"unreadable": [], "mis-sized": []}
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                with Image.open(path) as img:
-                    img.load()
-                    size = img.size
-            except (OSError, ValueError, Image.DecompressionBombError):
-                self.skipped["unreadable"].append(str(path))
-                continue
-            if resolution and size != (resolution, resolution):
-                self.skipped["mis-sized"].append(f"{path} ({size[0]}x{size[1]})")
-                continue
-            self.files.append(path)
-        bad = [f"{reason}: {f}" for reason, files in self.skipped.items() for f in files]
-        if bad and policy == "refuse":
-            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-            expected = f" (expected {resolution}x{resolution})" if resolution else ""
-            raise ValueError(f"data.image_dir {root} has {len(bad)} bad files{expected}: {shown}. Fix or remove "
-                             "them, or set data.bad_images=skip to train without them")
+            if admit_image(path, str(path), resolution, self.skipped):
+                self.files.append(path)
+        bad = refuse_bad_images(root, self.skipped, resolution, policy, "files")
         if not self.files:
             raise ValueError(f"data.image_dir {root} holds no usable image ({', '.join(IMAGE_SUFFIXES)}; "
                              f"{len(bad)} skipped)")

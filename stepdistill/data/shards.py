@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from stepdistill.data.images import IMAGE_SUFFIXES
+from stepdistill.data.images import IMAGE_SUFFIXES, admit_image, refuse_bad_images
 
 IMAGE_MEMBERS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
@@ -30,8 +30,6 @@ class ImageShards:
     captions, skipped, samples) for RealImages, read as a stream."""
 
     def __init__(self, directory: str | Path, resolution: int = 0, policy: str = "refuse") -> None:
-        from PIL import Image
-
         self.root = Path(directory)
         self.shards = sorted(self.root.glob("*.tar"))
         if any(p.suffix.lower() in IMAGE_SUFFIXES for p in self.root.iterdir()):
@@ -46,24 +44,11 @@ class ImageShards:
             if member is None:
                 self.skipped["unreadable"].append(f"{name} (no image member: {', '.join(IMAGE_MEMBERS)})")
                 continue
-            try:
-                with Image.open(io.BytesIO(sample[member])) as img:
-                    img.load()
-                    size = img.size
-            except (OSError, ValueError, Image.DecompressionBombError):
-                self.skipped["unreadable"].append(name)
-                continue
-            if resolution and size != (resolution, resolution):
-                self.skipped["mis-sized"].append(f"{name} ({size[0]}x{size[1]})")
+            if not admit_image(io.BytesIO(sample[member]), name, resolution, self.skipped):
                 continue
             self.keys.append(name)
             captions.append(caption_of(name, sample))
-        bad = [f"{reason}: {f}" for reason, items in self.skipped.items() for f in items]
-        if bad and policy == "refuse":
-            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-            expected = f" (expected {resolution}x{resolution})" if resolution else ""
-            raise ValueError(f"data.image_dir {self.root} has {len(bad)} bad samples{expected}: {shown}. Fix or "
-                             "remove them, or set data.bad_images=skip to train without them")
+        bad = refuse_bad_images(self.root, self.skipped, resolution, policy, "samples")
         if not self.keys:
             raise ValueError(f"data.image_dir {self.root} holds no usable image in its shards "
                              f"({', '.join(IMAGE_MEMBERS)} members; {len(bad)} skipped)")
