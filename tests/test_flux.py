@@ -20,8 +20,8 @@ from stepdistill.perf.memory import count_saved
 from stepdistill.pipelines import RECIPE_FILE
 from stepdistill.schedules import NoiseSchedule, resolution_shift
 from stepdistill.students.build import build_backbone, build_student
-from stepdistill.teachers.diffusers_teacher import detect_kind, teacher_class
 from stepdistill.teachers.flux import FluxTeacher
+from stepdistill.teachers.loading import detect_kind, teacher_class
 from stepdistill.teachers.tiny import TINY_KINDS, build_tiny_pipeline, save_tiny_pipeline
 from stepdistill.training import Trainer
 

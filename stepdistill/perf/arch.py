@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.teachers.diffusers_teacher import DiffusersTeacher, detect_kind, teacher_class
+from stepdistill.teachers.diffusers_teacher import DiffusersTeacher
+from stepdistill.teachers.loading import detect_kind, teacher_class
 from stepdistill.teachers.tiny import TINY_KINDS
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "assets" / "arch"

@@ -30,7 +30,7 @@ class RoutedPipeline:
     """K student pipelines sharing every component but their backbone, and the partition that routes prompts."""
 
     def __init__(self, pipelines: list, partition: Partition, recipe: dict | None = None) -> None:
-        from stepdistill.teachers.diffusers_teacher import detect_kind, teacher_class
+        from stepdistill.teachers.loading import detect_kind, teacher_class
 
         if len(pipelines) != partition.num_parts:
             raise ValueError(f"{len(pipelines)} student pipelines for a partition of {partition.num_parts} parts")

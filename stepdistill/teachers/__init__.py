@@ -22,7 +22,7 @@ def load_teacher(cfg, device: torch.device | str = "cpu") -> Teacher:
             return TrainedMLPTeacher(cfg.path, mixture, device)
         schedule = NoiseSchedule.vp() if cfg.schedule == "vp" else NoiseSchedule.flow(cfg.flow_shift)
         return GMMTeacher(mixture, schedule, cfg.backbone_hidden, cfg.backbone_depth)
-    from stepdistill.teachers.diffusers_teacher import load_diffusers_teacher
+    from stepdistill.teachers.loading import load_diffusers_teacher
 
     return load_diffusers_teacher(cfg, device)
 

@@ -254,15 +254,6 @@ class SD3Teacher(DiffusersTeacher):
 TEACHERS: dict[str, type[DiffusersTeacher]] = {c.kind: c for c in (SDTeacher, SDXLTeacher, PixArtTeacher, SD3Teacher)}
 
 
-def teacher_class(kind: str) -> type[DiffusersTeacher]:
-    """The adapter of a pipeline kind (detect_kind); Flux's lives in flux.py, which builds on this module."""
-    if kind == "flux":
-        from stepdistill.teachers.flux import FluxTeacher
-
-        return FluxTeacher
-    return TEACHERS[kind]
-
-
 def detect_kind(pipe) -> str:
     """sd | sdxl | pixart | sd3 | flux from the pipeline's denoiser (its class and added conditioning)."""
     unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
@@ -320,17 +311,3 @@ def load_pipeline(path: str, local_files_only: bool = False, revision: str = "",
             "`DiffusionPipeline.from_pretrained(<repo>).save_pretrained(DIR)`) and pass the local folder: "
             "teacher.path=/path/to/pipeline_folder"
         ) from e
-
-
-def load_diffusers_teacher(cfg, device: torch.device | str = "cpu") -> DiffusersTeacher:
-    """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|flux|auto) describes, loaded onto `device`."""
-    device = torch.device(device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    pipe = load_pipeline(cfg.path, cfg.local_files_only, cfg.revision, cfg.variant, dtype, cfg.trust_remote_code)
-    kind = detect_kind(pipe)
-    if cfg.kind not in ("auto", kind):
-        raise ValueError(f"teacher.kind is {cfg.kind!r} but {cfg.path} holds a {kind} pipeline "
-                         f"({type(pipe).__name__}): set teacher.kind={kind} or teacher.kind=auto")
-    pipe.to(device)
-    identity = ":".join(x for x in (kind, cfg.path, cfg.revision, cfg.variant, str(dtype).split(".")[-1]) if x)
-    return teacher_class(kind)(pipe, identity, device)
