@@ -6,8 +6,9 @@ from stepdistill.data.conditions import (
     PromptFile,
     read_prompts,
 )
-from stepdistill.data.images import ImageFolderDataset, RealImages, open_images
+from stepdistill.data.images import ImageFolderDataset, RealImages
 from stepdistill.data.pairs import PairDataset, generate_pairs, pair_dir
+from stepdistill.data.shards import open_images
 
 __all__ = ["DEFAULT_PROMPTS", "ConditionDataset", "ConditionSource", "ImageFolderDataset", "PairDataset",
            "PromptFile", "RealImages", "generate_pairs", "open_images", "pair_dir", "read_prompts"]

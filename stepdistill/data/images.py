@@ -1,7 +1,7 @@
 """Real images: one source for every objective with a real-data branch (DMD2's GAN term). A folder of images,
 optionally captioned by a `metadata.jsonl` ({"file_name": ..., "text": ...} per line, the layout of the Hugging
 Face imagefolder), or a folder of WebDataset tar shards (data/shards.py); checked once up front with the bad-file
-policy, encoded once with the teacher's VAE and cached. `open_images` picks the kind from the folder."""
+policy, encoded once with the teacher's VAE and cached. `open_images` (data/shards.py) picks the kind from the folder."""
 from __future__ import annotations
 
 import hashlib
@@ -187,14 +187,3 @@ def encode_images(images: Iterator, teacher: Teacher, batch_size: int = 16) -> T
     if batch:
         encode()
     return torch.cat(out)
-
-
-def open_images(directory: str | os.PathLike, resolution: int = 0, policy: str = "refuse"):
-    """The real images of `data.image_dir`: WebDataset tar shards (ImageShards) when the folder holds `*.tar`
-    files, else an image folder (ImageFolderDataset)."""
-    root = Path(directory)
-    if root.is_dir() and any(root.glob("*.tar")):
-        from stepdistill.data.shards import ImageShards
-
-        return ImageShards(root, resolution, policy)
-    return ImageFolderDataset(root, resolution, policy)

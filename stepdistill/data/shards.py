@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from stepdistill.data.images import IMAGE_SUFFIXES, admit_image, refuse_bad_images
+from stepdistill.data.images import IMAGE_SUFFIXES, ImageFolderDataset, admit_image, refuse_bad_images
 
 IMAGE_MEMBERS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
@@ -97,3 +98,12 @@ def caption_of(name: str, sample: dict) -> str | None:
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"sample {name}: its .json member is not a JSON object ({e}): fix the shard") from e
     return None
+
+
+def open_images(directory: str | os.PathLike, resolution: int = 0, policy: str = "refuse"):
+    """The real images of `data.image_dir`: WebDataset tar shards (ImageShards) when the folder holds `*.tar`
+    files, else an image folder (ImageFolderDataset)."""
+    root = Path(directory)
+    if root.is_dir() and any(root.glob("*.tar")):
+        return ImageShards(root, resolution, policy)
+    return ImageFolderDataset(root, resolution, policy)
