@@ -20,6 +20,7 @@ from stepdistill.config.schema import (
     StudentConfig,
     TeacherConfig,
     TrainConfig,
+    did_you_mean,
 )
 
 
@@ -105,12 +106,6 @@ def _range_spec(cls: type, name: str) -> str | None:
     if name in NAME_RANGES:
         return NAME_RANGES[name]
     return next((spec for suffix, spec in SUFFIX_RANGES.items() if name.endswith(suffix)), None)
-
-
-def did_you_mean(word: object, options, prefix: str = "") -> str:
-    """" Did you mean X?" for the option closest to a mistyped word, or ""."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options if o is not None], n=1)
-    return f" Did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _yaml_word(value: Any, options: tuple) -> Any:

@@ -1,6 +1,7 @@
 """The configuration schema: one dataclass per section, with the valid choices and ranges of each key. Torch-free."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,3 +163,7 @@ class Config:
     recipe: list = field(default_factory=list)  # stages of a multi-stage run (stepdistill.recipes)
 
 
+def did_you_mean(word: object, options, prefix: str = "") -> str:
+    """" Did you mean X?" for the option closest to a mistyped word, or ""."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options if o is not None], n=1)
+    return f" Did you mean {prefix}{close[0]}?" if close else ""

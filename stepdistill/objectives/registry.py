@@ -18,8 +18,7 @@ def register(cls: type[Objective]) -> type[Objective]:
 
 
 def objective_class(name: str) -> type[Objective]:
-    from stepdistill.config.loading import did_you_mean
-    from stepdistill.config.schema import ConfigError
+    from stepdistill.config.schema import ConfigError, did_you_mean
 
     if name not in REGISTRY:
         raise ConfigError(f"objective.name: {name!r} is not one of {sorted(REGISTRY)}.{did_you_mean(name, REGISTRY)}")
