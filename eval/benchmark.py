@@ -16,15 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from stepdistill.evaluation.miniature import evaluate_pipeline, evaluate_student, load_reference
+from stepdistill.evaluation.miniature import (
+    evaluate_pipeline,
+    evaluate_student,
+    load_reference,
+    markdown_table,
+)
 from stepdistill.miniature import get_dataset
 from stepdistill.miniature.dataset import ASSETS
-from stepdistill.miniature.demo import (
-    EVAL_SEED,
-    asset_overrides,
-    markdown_table,
-    run_distillation,
-)
+from stepdistill.miniature.demo import EVAL_SEED, asset_overrides, run_distillation
 from stepdistill.miniature.teacher import load_teacher
 
 DIGITS = get_dataset("digits")

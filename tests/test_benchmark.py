@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from stepdistill.config import load_config, load_config_tree
-from stepdistill.miniature.demo import asset_overrides, markdown_table
+from stepdistill.evaluation.miniature import markdown_table
+from stepdistill.miniature.demo import asset_overrides
 from stepdistill.recipes import plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from stepdistill.evaluation.fid import frechet_distance, statistics
-from stepdistill.pipelines import load_exported
 from stepdistill.miniature import MiniatureDataset, get_dataset
 from stepdistill.miniature.classifier import ClassifierFeatures
 from stepdistill.miniature.dataset import sample_pipeline
+from stepdistill.pipelines import load_exported
 
 REFERENCE_SEED = 1000  # the teacher's reference set; seed + 1 draws the second set behind the teacher floor
 EVAL_SEED = 2000
@@ -153,3 +153,19 @@ def evaluate_student(folder: str | Path, teacher: str | MiniatureDataset = "digi
     metrics, _ = evaluate_pipeline(pipe, dataset, reference, steps, guidance, per_class, seed,
                                    **sampling_kwargs(recipe))
     return {"teacher": dataset.name, "pipeline": str(folder), **metrics, "floors": floors(reference)}
+
+
+def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str] | None = None,
+                   real: str = "real test digits") -> str:
+    """The metrics table of the demo and the benchmark; `extra_columns` maps a header to a metrics key."""
+    extra = extra_columns or {}
+    lines = [f"| model | steps | CFG | prompt accuracy | FID vs teacher 50-step | FID vs {real} | images/s |"
+             + "".join(f" {header} |" for header in extra),
+             "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | {m['steps']} | {m['guidance_scale']:g} | {m['prompt_accuracy']:.3f} | "
+                     f"{m['fid_vs_teacher50']:.2f} | {m['fid_vs_real']:.2f} | {m['images_per_s']:.1f} |"
+                     + "".join(f" {m.get(key, '')} |" for key in extra.values()))
+    lines.append(f"| floors | | | | {float(reference['teacher_floor']):.2f} (teacher vs teacher, other seeds) | "
+                 f"{float(reference['real_floor']):.2f} (real train vs real test) | |" + " |" * len(extra))
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from stepdistill.evaluation.miniature import (
     evaluate_student,
     floors,
     load_reference,
+    markdown_table,
     sampling_kwargs,
 )
 from stepdistill.miniature import MiniatureDataset, get_dataset
@@ -62,22 +63,6 @@ def samples_grid(rows: dict[str, Tensor], dataset: MiniatureDataset, labels: Ten
     from stepdistill.visualize import labelled_rows
 
     return labelled_rows(rows, path, column_labels=[dataset.prompts[int(c)] for c in labels])
-
-
-def markdown_table(metrics: dict, reference: dict, extra_columns: dict[str, str] | None = None,
-                   real: str = "real test digits") -> str:
-    """The metrics table of the demo and the benchmark; `extra_columns` maps a header to a metrics key."""
-    extra = extra_columns or {}
-    lines = [f"| model | steps | CFG | prompt accuracy | FID vs teacher 50-step | FID vs {real} | images/s |"
-             + "".join(f" {header} |" for header in extra),
-             "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
-    for name, m in metrics.items():
-        lines.append(f"| {name} | {m['steps']} | {m['guidance_scale']:g} | {m['prompt_accuracy']:.3f} | "
-                     f"{m['fid_vs_teacher50']:.2f} | {m['fid_vs_real']:.2f} | {m['images_per_s']:.1f} |"
-                     + "".join(f" {m.get(key, '')} |" for key in extra.values()))
-    lines.append(f"| floors | | | | {float(reference['teacher_floor']):.2f} (teacher vs teacher, other seeds) | "
-                 f"{float(reference['real_floor']):.2f} (real train vs real test) | |" + " |" * len(extra))
-    return "\n".join(lines)
 
 
 def run_demo(overrides: list[str], config: str | Path = DEMO_CONFIG, per_class: int = EVAL_PER_CLASS,

@@ -73,8 +73,7 @@ def miniature_metrics(final_dir: Path, output_dir: Path, steps: int) -> dict:
     world = pipeline_world(final_dir)
     if world is None:
         return {}
-    from stepdistill.evaluation.miniature import EVAL_SEED, evaluate_student, load_reference
-    from stepdistill.miniature.demo import markdown_table
+    from stepdistill.evaluation.miniature import EVAL_SEED, evaluate_student, load_reference, markdown_table
 
     teacher_dir = recorded_teacher(final_dir)
     logger.info("measuring the student on the %s world (%d samples per class, as the demo)", world,
