@@ -337,7 +337,18 @@ def test_deepspeed_zero2_accelerate_config_parses():
     assert "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml" in path.read_text()
 
 
-def test_generator_for_inference_drops_the_autocast_wrapper(tmp_path):
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision is fixed by the first Accelerator: reset it
+    around a test that needs another precision, so neither it nor the tests after it inherit the other's."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_generator_for_inference_drops_the_autocast_wrapper(tmp_path, fresh_accelerator_state):
     """After a bf16 run the generator used for export and in-process sampling runs in its own dtype (fp32), as the
     exported weights do, instead of keeping accelerate's bf16 autocast forward."""
     trainer = gmm_trainer(tmp_path / "run", mixed_precision="bf16")
