@@ -102,3 +102,17 @@ def test_channels_last_keeps_the_unet_output_and_gradients(kind):
     for name in g:
         if g[name] is not None:
             torch.testing.assert_close(g_cl[name], g[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_fullsize_presets_command_runs_each_preset_in_a_child(tmp_path):
+    """The `presets` command hands each name to a `preset-case` child: an unknown preset comes back as that child's
+    own error in its row (the table never hides a preset), not as the parent's argument error."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval/fullsize.py"), "presets", "--only", "no_such_preset",
+                           "--out", str(out), "--work", str(tmp_path / "work")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = json.loads((out / "presets.json").read_text())
+    assert row["status"].startswith("failed") and "no_such_preset" in row["status"], row
+    assert "invalid choice" not in row["status"]
+    assert "| no_such_preset |" in (out / "presets.md").read_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -269,8 +270,9 @@ def run_child(args: list[str], timeout: float) -> dict:
             proc.communicate()
             return {"status": f"not finished in {timeout:.0f} s"}
         if proc.returncode != 0:
-            tail = [line for line in out.splitlines() if line.strip()][-3:]
-            return {"status": f"failed (exit {proc.returncode}): {' | '.join(tail)[-400:]}"}
+            lines = [line for line in out.splitlines() if line.strip()]
+            errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)]
+            return {"status": f"failed (exit {proc.returncode}): {(errors or lines or [''])[-1][:400]}"}
         return json.loads(Path(f.name).read_text())
 
 
@@ -328,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         items = PRESETS if args.only is None else args.only
     work = Path(args.work or tempfile.mkdtemp(prefix="fullsize-"))
     for item in items:
-        child = [f"{args.what}-case", "--case", item, "--budget-gib", str(args.budget_gib), "--work", str(work)]
+        case = "planner-case" if args.what == "planner" else "preset-case"
+        child = [case, "--case", item, "--budget-gib", str(args.budget_gib), "--work", str(work)]
         row = run_child(child, args.timeout_s)
         row.setdefault("name", PLANNER_CASES[int(item)][0] if args.what == "planner" else item)
         row.setdefault("preset", item)
