@@ -206,6 +206,47 @@ class NoiseSchedule:
         z = x_t.to(torch.float64) / _bcast(alpha + sigma, x_t)
         return z.to(torch.float32), sigma / (alpha + sigma)
 
+    # ---------------------------------------------------------------- TrigFlow (sCM, arXiv 2410.11081 §2)
+    def trigflow_time(self, t: Tensor, sigma_d: float) -> Tensor:
+        """The TrigFlow time s of model timesteps t: tan s = sigma_t / (sigma_d alpha_t), float64 (FastGen's
+        TrigFlowPrecond: atan2(sigma, alpha sigma_d))."""
+        alpha, sigma = self.alpha_sigma(t)
+        return torch.atan2(sigma, alpha * sigma_d)
+
+    def from_trigflow(self, s: Tensor, sigma_d: float) -> tuple[Tensor, Tensor]:
+        """(model timestep tau, input scale c_in) of TrigFlow times s, with x_tau = c_in x_s for the TrigFlow state
+        x_s = cos s x0 + sin s z, z ~ N(0, sigma_d^2 I): sigma_tau / alpha_tau = sigma_d tan s, c_in = alpha_tau / cos s.
+        Differentiable in s (sCD's tangent takes d/ds through it): VP inverts the interpolated Karras sigma of
+        `alpha_sigma` piecewise linearly; flow has sigma = sigma_d sin s / (cos s + sigma_d sin s), c_in = 1 /
+        (cos s + sigma_d sin s). tau is clamped to `timestep_range`."""
+        s = torch.as_tensor(s).to(torch.float64)
+        cos, sin = s.cos(), s.sin()
+        if self.kind == "flow":
+            denom = cos + sigma_d * sin
+            tau = self.num_train_timesteps * sigma_d * sin / denom
+            return tau.clamp(*self.timestep_range()), 1 / denom
+        ks = self._karras_sigmas.to(s.device)
+        k = sigma_d * sin / cos
+        lo = (torch.searchsorted(ks, k.detach().contiguous()) - 1).clamp(0, len(ks) - 2)
+        tau = (lo + (k - ks[lo]) / (ks[lo + 1] - ks[lo])).clamp(*self.timestep_range())
+        return tau, (cos * cos + sigma_d**2 * sin * sin).rsqrt()
+
+    def trigflow_velocity(self, out: Tensor, x_s: Tensor, s: Tensor, sigma_d: float,
+                          prediction_type: PredictionType | None = None) -> Tensor:
+        """dx_s/ds = sigma_d F = (cos s x_s - x0_hat) / sin s (float64) of a model output `out` taken at
+        (c_in x_s, tau) from `from_trigflow`: any VP or flow model as a TrigFlow model (FastGen's TrigFlowPrecond)."""
+        s = torch.as_tensor(s).to(torch.float64)
+        tau, c_in = self.from_trigflow(s, sigma_d)
+        x_s = x_s.to(torch.float64)
+        x0 = self.to_x0_eps(out, _bcast(c_in, x_s) * x_s, tau, prediction_type, torch.float64)[0]
+        return (_bcast(s.cos(), x_s) * x_s - x0) / _bcast(s.sin(), x_s)
+
+    @staticmethod
+    def trigflow_x0(velocity: Tensor, x_s: Tensor, s: Tensor) -> Tensor:
+        """The consistency function f(x_s, s) = cos s x_s - sin s sigma_d F (sCM Eq. 7): the clean-sample estimate."""
+        s = torch.as_tensor(s, device=x_s.device).to(torch.float64)
+        return _bcast(s.cos(), x_s) * x_s.to(torch.float64) - _bcast(s.sin(), x_s) * velocity.to(torch.float64)
+
     # ---------------------------------------------------------------- solver
     def ddim_step(self, x0: Tensor, eps: Tensor, t_prev: Tensor | None) -> Tensor:
         """Deterministic DDIM step (= Euler for flow): x_s = alpha_s x0 + sigma_s eps; t_prev=None gives x0."""
