@@ -1,21 +1,30 @@
 """MeanFlow on a tiny SD3 pipeline through the CLI: the meanflow_sd3 preset trains on cached teacher samples,
 checkpoints and resumes (to float32 rounding), and exports a folder that plain StableDiffusion3Pipeline loads and samples at
 the student's grid (1 step at sigma 1; 2 steps at 1 and 0.5), equal to the two-time student's own MeanFlow steps;
-only the student (with its interval embedding) gets gradients, through the JVP pass included."""
+only the student (with its interval embedding) gets gradients, through the JVP pass included. A VP teacher (tiny
+SD1.5) goes through meanflow_digits' flow stage first, and its UNet export is a plain StableDiffusionPipeline."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from reliability_utils import assert_same, checkpoint_state
 
 from stepdistill.cli import main
-from stepdistill.config import load_config
+from stepdistill.config import TeacherConfig, load_config, load_config_tree
 from stepdistill.objectives import build_objective
 from stepdistill.objectives.continuous.meanflow_student import MeanFlowGenerator, TimeAndInterval
 from stepdistill.pipelines import load_exported
+from stepdistill.recipes import run_recipe
+from stepdistill.teachers import load_teacher
 from stepdistill.teachers.tiny import save_tiny_pipeline
 from stepdistill.training import Trainer
 
@@ -113,3 +122,32 @@ def test_only_the_student_gets_gradients(tiny, tmp_path):
     for component in objective.teacher.pipe.components.values():
         if isinstance(component, torch.nn.Module) and component is not student:
             assert all(p.grad is None for p in component.parameters())
+
+
+def test_vp_teacher_goes_through_a_flow_stage_and_the_unet_export_is_plain_diffusers(tmp_path):
+    """meanflow_digits' recipe on a tiny SD1.5 pipeline: the `flow` stage makes the eps-UNet a velocity model, the
+    `meanflow` stage distills it with the flow's export as teacher and as the student's start. The export is a plain
+    StableDiffusionPipeline sampled at sigma 1; with a non-zero interval embedding the UNet's fold (into
+    time_embedding.linear_2) gives the two-time student's own u(z, 0, 1) at T."""
+    sd = save_tiny_pipeline("sd", tmp_path / "sd")
+    tree = load_config_tree("configs/meanflow_digits.yaml", [
+        f"teacher.path={sd}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2",
+        "objective.pairs.num=4", "objective.pairs.steps=2", "train.num_validation_samples=2", "train.progress=false"])
+    tree["recipe"][1]["set"].update({"train.max_steps": 2, "objective.pairs": {"num": 4, "steps": 2}})
+    assert [r["stage"] for r in run_recipe(tree)] == ["flow", "meanflow"]
+    final = tmp_path / "run" / "meanflow" / "final"
+    plain = StableDiffusionPipeline.from_pretrained(str(final))
+    assert type(plain.unet) is UNet2DConditionModel and isinstance(plain.scheduler, FlowMatchEulerDiscreteScheduler)
+    _, recipe = load_exported(final)
+    assert recipe["pipeline_kwargs"] == {"sigmas": [1.0], "guidance_scale": 0.0}
+
+    flow = load_teacher(TeacherConfig(kind="auto", path=str(tmp_path / "run" / "flow" / "final")))
+    generator = MeanFlowGenerator(flow.build_backbone(), flow, 1, flow.schedule)
+    with torch.no_grad():
+        for p in generator.backbone.time_embedding.interval.parameters():
+            p.normal_(0, 0.1)
+    noise = torch.randn(2, *flow.sample_shape, generator=torch.Generator().manual_seed(2))
+    cond = flow.encode(PROMPTS)
+    folded = generator.folded()
+    assert type(folded.backbone.time_embedding).__name__ == "TimestepEmbedding"
+    torch.testing.assert_close(folded.sample(noise, cond), generator.sample(noise, cond), atol=1e-5, rtol=1e-5)
