@@ -1,8 +1,8 @@
-"""MeanFlow on a tiny SD3 pipeline through the CLI: the meanflow_sd3 preset trains on cached teacher samples,
-checkpoints and resumes (to float32 rounding), and exports a folder that plain StableDiffusion3Pipeline loads and samples at
-the student's grid (1 step at sigma 1; 2 steps at 1 and 0.5), equal to the two-time student's own MeanFlow steps;
-only the student (with its interval embedding) gets gradients, through the JVP pass included. A VP teacher (tiny
-SD1.5) goes through meanflow_digits' flow stage first, and its UNet export is a plain StableDiffusionPipeline."""
+"""MeanFlow on tiny pipelines: the meanflow_sd3 preset trains on cached teacher samples, checkpoints and resumes (to
+float32 rounding), and exports a folder that plain StableDiffusion3Pipeline loads and samples at the student's grid
+(1 step at sigma 1; 2 steps at 1 and 0.5), equal to the two-time student's own MeanFlow steps; only the student (with
+its interval embedding) gets gradients, through the JVP pass included. A VP teacher (tiny SD1.5) is distilled
+directly, and through meanflow_digits' flow stage; its UNet export is a plain StableDiffusionPipeline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -151,3 +151,25 @@ def test_vp_teacher_goes_through_a_flow_stage_and_the_unet_export_is_plain_diffu
     folded = generator.folded()
     assert type(folded.backbone.time_embedding).__name__ == "TimestepEmbedding"
     torch.testing.assert_close(folded.sample(noise, cond), generator.sample(noise, cond), atol=1e-5, rtol=1e-5)
+
+
+def test_vp_teacher_distilled_directly_into_a_flow_student(tmp_path):
+    """SD1.5 as the MeanFlow teacher itself (read at the flow state through TrigFlow): a flow student on SD's time
+    axis whose export, a plain StableDiffusionPipeline with FlowMatchEulerDiscreteScheduler at sigma 1, samples
+    what the two-time student samples in one step."""
+    sd = save_tiny_pipeline("sd", tmp_path / "sd")
+    cfg = load_config(PRESET, [*overrides(sd, tmp_path / "run", "teacher.kind=sd", "student.schedule=flow",
+                                          "train.max_steps=2", "train.checkpoint_every=0"),
+                               f"objective.pairs.dir={tmp_path / 'pairs'}"])
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    generator = trainer.generator_for_inference()
+    assert trainer.objective.teacher.schedule.kind == "vp" and generator.schedule.kind == "flow"
+    plain = StableDiffusionPipeline.from_pretrained(str(result.final_dir))
+    assert isinstance(plain.scheduler, FlowMatchEulerDiscreteScheduler)
+    _, recipe = load_exported(result.final_dir)
+    plain.set_progress_bar_config(disable=True)
+    noise = torch.randn(len(PROMPTS), *generator.teacher.sample_shape, generator=torch.Generator().manual_seed(3))
+    image = plain(PROMPTS, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
+    torch.testing.assert_close(image, generator.sample(noise, generator.teacher.encode(PROMPTS)), atol=1e-4,
+                               rtol=1e-4)

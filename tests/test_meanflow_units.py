@@ -97,6 +97,22 @@ def test_teacher_velocity_is_the_closed_form_and_the_limit_of_u_at_r_equal_t():
     torch.testing.assert_close(u(z, t - 1e-7, t), v(z, t), atol=1e-5, rtol=1e-5)
 
 
+def test_a_vp_teacher_gives_the_flow_teachers_velocity_inside_its_sigma_range():
+    """The same mixture as a VP teacher (SD's scaled_linear, eps) read through TrigFlow at the flow state: the flow
+    velocity of the exact flow teacher wherever SD's sigma range reaches (flow times 0.028-0.936; measured max
+    abs difference 2e-6 at |v| up to 14), and not beyond it (t = 0.001: the VP teacher stops at its sigma_min)."""
+    flow = build(PRESET, [])
+    vp = build(PRESET, ["teacher.schedule=vp", "student.schedule=flow"])
+    n = 512
+    g = torch.Generator().manual_seed(0)
+    t, z = 0.03 + 0.9 * torch.rand(n, generator=g), torch.randn(n, 2, generator=g)
+    cond = flow.teacher.encode(torch.zeros(n, dtype=torch.long))
+    torch.testing.assert_close(vp.teacher_velocity(z, t, cond), flow.teacher_velocity(z, t, cond),
+                               atol=1e-4, rtol=1e-5)
+    t = torch.full((n,), 0.001)
+    assert (vp.teacher_velocity(z, t, cond) - flow.teacher_velocity(z, t, cond)).abs().max() > 1.0
+
+
 def test_identity_target_is_the_exact_average_velocity_on_one_gaussian():
     """Measured: the relative residual 1.2e-7 (float32) with the tangent (v, 0, 1)."""
     assert identity_residual(MeanFlow) < 1e-4
@@ -110,7 +126,8 @@ def test_wrong_tangent_or_sign_breaks_the_identity(defect):
 
 def test_interval_embedding_starts_at_zero_so_a_flow_init_is_reproduced_for_every_r(tmp_path):
     """A MeanFlow student started from a flow student's export (reflow-style init, student.init) computes that
-    flow's velocity at step 0 whatever r is (on the flow's own time axis, student_time=teacher); after one update the interval embedding has moved (it gets gradient)."""
+    flow's velocity at step 0 whatever r is (on the flow's own time axis, student_time=teacher); after one update
+    the interval embedding has moved (it gets gradient)."""
     flow = build("configs/reflow_gmm.yaml", [])
     flow.export(flow.generator, tmp_path / "rf")
     objective = build(PRESET, [f"student.init={tmp_path / 'rf'}", "objective.student_time=teacher"])

@@ -1,16 +1,17 @@
-"""MeanFlow distillation (Geng et al., arXiv 2505.13447) from a flow teacher: the average-velocity student
+"""MeanFlow distillation (Geng et al., arXiv 2505.13447) from a flow or VP teacher: the average-velocity student
 u_theta(z, r, t) (meanflow_student.py) trained with the MeanFlow identity, the instantaneous velocity taken from the
-teacher instead of the data pair (FastGen `consistency_model/mean_flow.py`, use_cd).
+teacher instead of the data pair (FastGen `consistency_model/mean_flow.py`, use_cd). A VP teacher is read at the
+same (x, eps) through schedules.py's TrigFlow view.
 
-In the package's flow convention (z_s = (1 - s) x + s eps, s = 1 at noise, v = eps - x, network time T s):
-  u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau                              (MeanFlow Eq. 3)
-  u = v - (t - r) du/dt,  du/dt = d_z u v + d_t u                                  (Eq. 6, 8)
+In the package's flow convention (z_t = (1 - t) x + t eps, t = 1 at noise, v = eps - x, network time T t):
+  u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau                 (MeanFlow §4.1, the average velocity)
+  u = v - (t - r) du/dt,  du/dt = d_z u v + d_r u 0 + d_t u 1           (§4.1, the MeanFlow identity)
   (t, r): logit-normal each, r = t for a share 1 - ratio of the batch, then r = min(t, r)   (py-meanflow v1)
   z_t = (1 - t) x + t eps, x from the data (the mixture's samples, or cached teacher samples: data-free)
-  v = v_teacher(z_t, t), with CFG cond + (g - 1)(cond - uncond) on the velocity     (FastGen `_get_velocity`)
-  du/dt: one forward-mode JVP of u_theta along the tangent (v, 0, 1) over (z, r, t)  (Eq. 8)
-  u_tgt = sg(v - (t - r) du/dt)                                                    (Eq. 9)
-  L = E[ w ||u_theta(z_t, r, t) - u_tgt||^2 ],  w = sg(1 / (||.||^2 + c)^p)        (Eq. 9, §4.3 adaptive weight)
+  v = v_teacher(z_t, t), with CFG cond + (g - 1)(cond - uncond) on the velocity   (FastGen `_get_velocity`)
+  du/dt: one forward-mode JVP of u_theta along the tangent (v, 0, 1) over (z, r, t)
+  u_tgt = sg(v - (t - r) du/dt)
+  L = E[ w ||u_theta(z_t, r, t) - u_tgt||^2 ],  w = sg(1 / (||.||^2 + c)^p)   (§4.3; py-meanflow `forward_with_loss`)
 r = t reduces the target to v: flow matching onto the teacher. The JVP runs without gradient and the gradient comes
 from a second forward (py-meanflow README, "Note on JVP"; FastGen does the same).
 """
@@ -81,12 +82,6 @@ class MeanFlow(Objective):
             schedule = NoiseSchedule.flow(schedule.shift, 1, schedule.inference_grid)
         return MeanFlowGenerator(backbone, teacher, config.sample_steps, schedule)
 
-    def check_compatible(self) -> None:
-        if self.teacher.schedule.kind != "flow":
-            raise ConfigError("meanflow distills a flow teacher (its velocity is the identity's v): use a flow "
-                              "teacher (SD3, a flow GMM with teacher.schedule=flow, or a reflow export as "
-                              f"teacher.path), got a {self.teacher.schedule.kind} teacher")
-
     @property
     def reference_guidance(self) -> float:
         return self.config.guidance
@@ -126,18 +121,27 @@ class MeanFlow(Objective):
 
     @torch.no_grad()
     def teacher_velocity(self, z: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """v(z_t, t) = eps_hat - x0_hat of the teacher with CFG, in the flow convention."""
-        schedule, tau = self.teacher.schedule, model_time(self.teacher.schedule, t)
-        out = self.teacher.guided_output(z, tau, cond, self.config.guidance if cond.fields else 1.0)
-        x0, eps = schedule.to_x0_eps(out, z, tau)
-        return schedule.from_x0_eps(x0, eps, tau, "flow")
+        """v(z_t, t) = eps_hat - x0_hat of the teacher with CFG at the flow state z_t = (1 - t) x + t eps. The teacher
+        reads its own state of the same (x, eps), found through TrigFlow (sigma_d = 1): the flow time t is the angle
+        theta = atan2(t, 1 - t), and x_tau = (c_teacher / c_flow) z at the teacher's timestep tau(theta). For a flow
+        teacher on the student's axis that is z itself at T t; a VP teacher is exact up to its largest sigma
+        (tau clamped at T - 1: SD's sigma_max 14.6, flow times above 0.936)."""
+        flow, teacher = self.generator.schedule, self.teacher.schedule
+        theta = flow.trigflow_time(model_time(flow, t), 1.0)
+        c_flow = flow.from_trigflow(theta, 1.0)[1]
+        tau, c_teacher = teacher.from_trigflow(theta, 1.0)
+        tau = tau.to(torch.float32)
+        x_tau = (_bcast(c_teacher / c_flow, z) * z.double()).to(z.dtype)
+        out = self.teacher.guided_output(x_tau, tau, cond, self.config.guidance if cond.fields else 1.0)
+        x0, eps = teacher.to_x0_eps(out, x_tau, tau)
+        return flow.from_x0_eps(x0, eps, model_time(flow, t), "flow")
 
     def tangents(self, v: Tensor, r: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The direction of d/dt along the trajectory: (dz/dt, dr/dt, dt/dt) = (v, 0, 1) (Eq. 8)."""
+        """The direction of d/dt along the trajectory: (dz/dt, dr/dt, dt/dt) = (v, 0, 1)."""
         return v, torch.zeros_like(r), torch.ones_like(t)
 
     def identity_target(self, v: Tensor, dudt: Tensor, r: Tensor, t: Tensor) -> Tensor:
-        """u_tgt = v - (t - r) du/dt (Eq. 9), detached."""
+        """u_tgt = v - (t - r) du/dt, detached."""
         return (v - _bcast(t - r, v) * dudt).detach()
 
     @torch.no_grad()

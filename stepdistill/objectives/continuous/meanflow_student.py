@@ -1,5 +1,6 @@
 """The MeanFlow student: an average-velocity model u(z, r, t) over a stock backbone (MeanFlow, Geng et al.,
-arXiv 2505.13447, §4), in the package's flow convention z_s = (1 - s) x + s eps, s = 1 at noise, u = eps - x at r = t.
+arXiv 2505.13447, §4.1), in the package's flow convention z_s = (1 - s) x + s eps, s = 1 at noise, u = eps - x
+at r = t.
 
 Two times: the official DiT embeds t and h = t - r with two timestep embedders and sums them
 (Gsunshine/meanflow `models_dit.py`). Here the backbone's own time embedder keeps t, and its output gains e(h), a
@@ -10,7 +11,7 @@ its h-embedder for distillation, `networks/Wan/network.py::init_embedder`). The 
 Export: on a uniform grid of N steps every step has the same h = T / N, so e(h) is a constant vector that folds
 into the bias of the time embedder's last linear layer. The export is then the stock architecture (plain diffusers
 loads it) sampled by Euler steps on that grid, z_r = z_t - (t - r) u(z_t, r, t), which is MeanFlow's sampler
-(§4.2) and the FlowMatch scheduler's step at sigmas [1, ..., 1/N]."""
+(§4.1) and the FlowMatch scheduler's step at sigmas [1, ..., 1/N]."""
 from __future__ import annotations
 
 import copy
@@ -132,7 +133,8 @@ class MeanFlowGenerator(OdeGenerator):
 
     def __init__(self, backbone: nn.Module, teacher: Teacher, num_steps: int, schedule: NoiseSchedule) -> None:
         if schedule.kind != "flow":
-            raise ConfigError(f"a MeanFlow student needs a flow schedule, got {schedule.kind}: set student.schedule=flow")
+            raise ConfigError(f"a MeanFlow student needs a flow schedule, got {schedule.kind}: "
+                              "set student.schedule=flow")
         super().__init__(with_interval_embedding(backbone), teacher,
                          uniform_grid(num_steps, schedule.num_train_timesteps), schedule, "flow")
 
@@ -148,7 +150,7 @@ class MeanFlowGenerator(OdeGenerator):
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Cond, num_steps: int | None = None) -> Tensor:
-        """z_r = z_t - (t - r) u(z_t, r, t) over N equal steps from s = 1 to 0 (MeanFlow §4.2)."""
+        """z_r = z_t - (t - r) u(z_t, r, t) over N equal steps from s = 1 to 0 (MeanFlow §4.1)."""
         T = self.schedule.num_train_timesteps
         grid = uniform_grid(num_steps or self.num_steps, T) + [0.0]
         x = noise.to(torch.float32)
