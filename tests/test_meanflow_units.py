@@ -118,6 +118,17 @@ def test_identity_target_is_the_exact_average_velocity_on_one_gaussian():
     assert identity_residual(MeanFlow) < 1e-4
 
 
+def test_at_r_equal_t_the_target_is_the_teachers_velocity():
+    """r = t: (t - r) du/dt vanishes and the loss is flow matching onto the teacher (test_meanflow_gmm shows that
+    training only there, objective.ratio=0, fails the one-step bound)."""
+    objective = build(PRESET, [])
+    n = 64
+    z, t = torch.randn(n, 2), torch.rand(n)
+    cond = objective.teacher.encode(torch.zeros(n, dtype=torch.long))
+    v = objective.teacher_velocity(z, t, cond)
+    torch.testing.assert_close(objective.target(z, t, t, v, cond), v, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("defect", [TangentAlongR, TangentWithoutTime, FlippedTangent, FlippedInterval])
 def test_wrong_tangent_or_sign_breaks_the_identity(defect):
     """Measured relative residuals: along r 1.38, without d/dt 0.74, flipped tangent 0.37, flipped (t - r) 0.37."""
