@@ -146,11 +146,13 @@ class MeanFlow(Objective):
 
     @torch.no_grad()
     def target(self, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Cond) -> Tensor:
-        """u_tgt from one JVP of the student along `tangents` (no gradient: a target)."""
+        """u_tgt from one JVP of the student along `tangents` (no gradient: a target), in fp32 outside any autocast
+        (py-meanflow runs its JVP with autocast off; FastGen's Wan config: bf16 training, fp32 JVP)."""
         def u(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
             return self.generator.average_velocity(z_, cond, r_, t_)
 
-        _, dudt = jvp(u, (z, r, t), self.tangents(v, r, t))
+        with torch.autocast(z.device.type, enabled=False):
+            _, dudt = jvp(u, (z.float(), r.float(), t.float()), tuple(x.float() for x in self.tangents(v, r, t)))
         return self.identity_target(v, dudt, r, t)
 
     def loss(self, phase: str, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
