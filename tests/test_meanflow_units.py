@@ -129,6 +129,20 @@ def test_at_r_equal_t_the_target_is_the_teachers_velocity():
     torch.testing.assert_close(objective.target(z, t, t, v, cond), v, atol=0, rtol=0)
 
 
+def test_the_jvp_runs_in_fp32_under_a_bf16_autocast():
+    """The target does not change when the training step runs under bf16 autocast (mixed_precision=bf16)."""
+    objective = build(PRESET, [])
+    n = 64
+    z, t = torch.randn(n, 2), 0.2 + 0.7 * torch.rand(n)
+    r = 0.5 * t
+    cond = objective.teacher.encode(torch.zeros(n, dtype=torch.long))
+    v = objective.teacher_velocity(z, t, cond)
+    expected = objective.target(z, r, t, v, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert objective.generator.average_velocity(z, cond, r, t).dtype == torch.float32  # teacher.call casts
+        torch.testing.assert_close(objective.target(z, r, t, v, cond), expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("defect", [TangentAlongR, TangentWithoutTime, FlippedTangent, FlippedInterval])
 def test_wrong_tangent_or_sign_breaks_the_identity(defect):
     """Measured relative residuals: along r 1.38, without d/dt 0.74, flipped tangent 0.37, flipped (t - r) 0.37."""
