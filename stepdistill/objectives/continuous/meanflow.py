@@ -50,7 +50,7 @@ class MeanFlowConfig(ObjectiveConfig):
     ratio: float = 0.75  # share of the batch with r != t (the rest is flow matching onto the teacher)
     norm_p: float = 0.75  # adaptive weight 1 / (||err||^2 + norm_eps)^norm_p (p = 0 : plain L2)
     norm_eps: float = 1.0e-3
-    guidance: float = 1.0  # the teacher's CFG on the velocity target (standard form, 1 = off)
+    teacher_guidance: float = 1.0  # the teacher's CFG on the velocity target (standard form, 1 = off)
     sample_steps: int = 1  # N of the export: N equal MeanFlow steps (1 = one-step x = eps - u(eps, 0, 1))
     # the time the backbone reads: "teacher" = the teacher's model timestep T s (a copy of a pretrained teacher or
     # of a flow student); "unit" = s itself, T = 1 (a fresh backbone, as the official code feeds t, h in [0, 1]:
@@ -61,7 +61,7 @@ class MeanFlowConfig(ObjectiveConfig):
 
     CHOICES = {"data": ("real", "teacher"), "student_time": ("teacher", "unit")}
     RANGES = {"lr": ">0", "weight_decay": ">=0", "t_std": ">0", "r_std": ">0", "ratio": "[0,1]", "norm_p": ">=0",
-              "norm_eps": ">0", "guidance": ">=0", "sample_steps": ">=1"}
+              "norm_eps": ">0", "teacher_guidance": ">=0", "sample_steps": ">=1"}
 
 
 def logit_normal(n: int, mean: float, std: float, device: torch.device | str) -> Tensor:
@@ -84,7 +84,7 @@ class MeanFlow(Objective):
 
     @property
     def reference_guidance(self) -> float:
-        return self.config.guidance
+        return self.config.teacher_guidance
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config
@@ -132,7 +132,7 @@ class MeanFlow(Objective):
         tau, c_teacher = teacher.from_trigflow(theta, 1.0)
         tau = tau.to(torch.float32)
         x_tau = (_bcast(c_teacher / c_flow, z) * z.double()).to(z.dtype)
-        out = self.teacher.guided_output(x_tau, tau, cond, self.config.guidance if cond.fields else 1.0)
+        out = self.teacher.guided_output(x_tau, tau, cond, self.config.teacher_guidance if cond.fields else 1.0)
         x0, eps = teacher.to_x0_eps(out, x_tau, tau)
         return flow.from_x0_eps(x0, eps, model_time(flow, t), "flow")
 
