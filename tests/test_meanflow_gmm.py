@@ -6,7 +6,7 @@ along the wrong tangent or with its sign flipped, and a fresh MLP reading the te
 Measured (4096 samples against the mixture, evaluation seed 1; SW2 / mode TV / precision; true samples' own SW2
 against the same reference lies at 0.034-0.046, the metric's floor), 2026-12-07:
   meanflow_gmm, seed 0 (these tests)    1-NFE 0.0487 / 0.024 / 0.833    2-NFE 0.0479 / 0.020 / 0.815
-  seeds 1, 2 (before a float-level change of the teacher's time path: its flow time now goes through TrigFlow)
+  seeds 1, 2 (the flow teacher read directly at 1000 t, equal to the TrigFlow path up to float rounding)
                                         1-NFE 0.0489, 0.0499 / 0.024, 0.027 / 0.842, 0.817
                                         2-NFE 0.0542, 0.0521 / 0.030, 0.023 / 0.833, 0.796
   defects, 1000 steps, seed 0, 1-NFE SW2: flow matching only (ratio 0) 0.701; tangent along r 0.264; flipped tangent
