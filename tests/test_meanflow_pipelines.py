@@ -173,3 +173,23 @@ def test_vp_teacher_distilled_directly_into_a_flow_student(tmp_path):
     image = plain(PROMPTS, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
     torch.testing.assert_close(image, generator.sample(noise, generator.teacher.encode(PROMPTS)), atol=1e-4,
                                rtol=1e-4)
+
+
+def test_lora_student_exports_merged_weights_only(tiny, tmp_path):
+    """The interval embedding and its fold live outside a LoRA adapter, so a LoRA student's export holds the merged
+    transformer and no adapter folder; it samples what the student samples."""
+    trainer = Trainer(load_config(PRESET, overrides(tiny, tmp_path / "run", "student.kind=lora", "student.lora_rank=4",
+                                                    "train.max_steps=1", "train.checkpoint_every=0")))
+    trainer.train()
+    generator = trainer.generator_for_inference()
+    with torch.no_grad():
+        for p in generator.backbone.time_text_embed.timestep_embedder.interval.parameters():
+            p.normal_(0, 0.1)
+    folder = trainer.objective.export(generator, tmp_path / "export")
+    assert not (folder / "lora").exists()
+    pipe, recipe = load_exported(folder)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(len(PROMPTS), *generator.teacher.sample_shape, generator=torch.Generator().manual_seed(4))
+    image = pipe(PROMPTS, latents=noise.clone(), output_type="latent", **recipe["pipeline_kwargs"]).images
+    torch.testing.assert_close(image, generator.sample(noise, generator.teacher.encode(PROMPTS)), atol=1e-4,
+                               rtol=1e-4)

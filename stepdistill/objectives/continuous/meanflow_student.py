@@ -167,10 +167,18 @@ class MeanFlowGenerator(OdeGenerator):
         return self.schedule.step(self.average_velocity(z, cond, r / T, t / T), z, t, r, "flow")
 
     def folded(self) -> FoldedMeanFlowGenerator:
-        """The export's generator: the stock backbone with e(T / N) folded in, on the same N-step grid."""
-        h = self.schedule.num_train_timesteps / self.num_steps
-        return FoldedMeanFlowGenerator(folded_backbone(self.backbone, h), self.teacher, self.timesteps,
-                                       self.schedule, "flow")
+        """The export's generator: the stock backbone with e(T / N) folded in, on the same N-step grid. A LoRA
+        student is merged: the interval embedding and its fold live outside the adapter, so an adapter alone would
+        not be this student."""
+        from stepdistill.export.diffusers_student import merged_backbone
+        from stepdistill.export.mlp import merged_mlp
+        from stepdistill.mlp import TimeCondMLP
+        from stepdistill.students.lora import adapter_layers
+
+        net = folded_backbone(self.backbone, self.schedule.num_train_timesteps / self.num_steps)
+        if adapter_layers(net):
+            net = merged_mlp(net) if isinstance(net, TimeCondMLP) else merged_backbone(net)
+        return FoldedMeanFlowGenerator(net, self.teacher, self.timesteps, self.schedule, "flow")
 
 
 class FoldedMeanFlowGenerator(OdeGenerator):
