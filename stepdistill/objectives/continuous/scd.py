@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -88,14 +89,20 @@ class SCD(Objective):
 
     def __init__(self, teacher, generator, source, config: SCDConfig, data=None) -> None:
         super().__init__(teacher, generator, source, config, data)
-        schedule = teacher.schedule
-        lo, hi = schedule.timestep_range()
-        # a flow's timestep 0 is clean data, where F = (cos s x - x0) / sin s is 0 / 0: its lowest time is 1
-        lo = lo if schedule.kind == "vp" else 1.0
-        self.time_range = tuple(float(v) for v in schedule.trigflow_time(torch.tensor([lo, hi]), config.sigma_d))
         self.weighting = AdaptiveWeight() if config.adaptive_weight else None
         # (tau, prior weight x error) of the generator phase: what w(s)'s phase fits
         self._last: tuple[Tensor, Tensor] | None = None
+
+    @cached_property
+    def time_range(self) -> tuple[float, float]:
+        """The TrigFlow times of the teacher's timestep range (computed on first use: the planner builds the
+        objective on the meta device, where the schedule's tables hold no numbers)."""
+        schedule = self.teacher.schedule
+        lo, hi = schedule.timestep_range()
+        # a flow's timestep 0 is clean data, where F = (cos s x - x0) / sin s is 0 / 0: its lowest time is 1
+        ends = torch.tensor([lo if schedule.kind == "vp" else 1.0, hi], dtype=torch.float64)
+        s = schedule.trigflow_time(ends, self.config.sigma_d)
+        return float(s[0]), float(s[1])
 
     @property
     def reference_guidance(self) -> float:
@@ -110,6 +117,10 @@ class SCD(Objective):
             groups.append(OptimizerGroup("weighting", "weighting", c.weighting_lr or c.lr, betas, 0.0,
                                          max_grad_norm=None))
         return groups
+
+    def trace_phase(self, phase: str, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The weighting phase runs w(s) alone (the generator phase: the student's forward, as by default)."""
+        return self.weighting(t) if phase == "weighting" else super().trace_phase(phase, x, t, cond)
 
     # ------------------------------------------------------------------ data
     def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
