@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from stepdistill.config.schema import ConfigError, PairsConfig
-from stepdistill.data import PairDataset, generate_pairs
+from stepdistill.config.schema import PairsConfig
 from stepdistill.jvp import jvp
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
 from stepdistill.objectives.continuous.meanflow_student import MeanFlowGenerator, model_time
+from stepdistill.objectives.continuous.samples import CleanSamples
 from stepdistill.objectives.rectified_flow.reflow import flow_student_schedule
 from stepdistill.schedules import NoiseSchedule, _bcast
 from stepdistill.teachers.base import Cond, Teacher
@@ -68,7 +67,7 @@ def logit_normal(n: int, mean: float, std: float, device: torch.device | str) ->
     return torch.sigmoid(mean + std * torch.randn(n, device=device))
 
 
-class MeanFlow(Objective):
+class MeanFlow(CleanSamples, Objective):
     name = "meanflow"
     config_class = MeanFlowConfig
     config: MeanFlowConfig
@@ -90,25 +89,6 @@ class MeanFlow(Objective):
         c = self.config
         return [OptimizerGroup("generator", "generator.backbone", c.lr, weight_decay=c.weight_decay,
                                max_grad_norm=c.max_grad_norm)]
-
-    # ------------------------------------------------------------------ data
-    def prepare_data(self, output_dir: str | Path, device: torch.device | str = "cpu") -> None:
-        if self.config.data == "real":
-            if self.teacher.mixture is None:
-                raise ConfigError("objective.data=real needs a teacher with its own data (the GMM teacher); use "
-                                  "objective.data=teacher to train on cached teacher samples")
-            return
-        self._pair_dir = generate_pairs(self.teacher, self.source, self.config.pairs, output_dir, device)
-
-    def dataset(self) -> Dataset:
-        return super().dataset() if self.config.data == "real" else PairDataset(self._pair_dir)
-
-    def clean_samples(self, batch: dict[str, Tensor], n: int) -> Tensor:
-        if self.config.data == "teacher":
-            return batch["x0"].to(self.device, torch.float32)
-        mixture = self.teacher.mixture
-        labels = batch["cond_index"].cpu() if mixture.conditional else None
-        return mixture.sample(n, labels).to(self.device)
 
     # ------------------------------------------------------------------ pieces of the algorithm
     def sample_times(self, n: int) -> tuple[Tensor, Tensor]:

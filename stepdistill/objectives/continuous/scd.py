@@ -22,17 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from stepdistill.config.schema import PairsConfig
-from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.jvp import jvp
 from stepdistill.mlp import timestep_embedding
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
+from stepdistill.objectives.continuous.samples import CleanSamples
 from stepdistill.schedules import _bcast
 from stepdistill.teachers.base import Cond
 
@@ -80,7 +78,7 @@ class AdaptiveWeight(nn.Module):
         return self.linear(timestep_embedding(tau.float(), self.dim)).squeeze(-1)
 
 
-class SCD(Objective):
+class SCD(CleanSamples, Objective):
     """Continuous-time consistency distillation (sCD) of any VP or flow teacher through TrigFlow."""
 
     name = "scd"
@@ -121,24 +119,6 @@ class SCD(Objective):
     def trace_phase(self, phase: str, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The weighting phase runs w(s) alone (the generator phase: the student's forward, as by default)."""
         return self.weighting(t) if phase == "weighting" else super().trace_phase(phase, x, t, cond)
-
-    # ------------------------------------------------------------------ data
-    def prepare_data(self, output_dir: str | Path, device: str = "cpu") -> None:
-        if self.config.data == "real":
-            if self.teacher.mixture is None:
-                raise ValueError("objective.data=real needs a teacher with its own data (the GMM teacher); use "
-                                 "objective.data=teacher for data-free distillation on teacher samples")
-            return
-        self._pair_dir = generate_pairs(self.teacher, self.source, self.config.pairs, output_dir, device)
-
-    def dataset(self) -> Dataset:
-        return super().dataset() if self.config.data == "real" else PairDataset(self._pair_dir)
-
-    def clean_samples(self, batch: dict[str, Tensor], n: int) -> Tensor:
-        if self.config.data == "teacher":
-            return batch["x0"].to(self.device)
-        mixture = self.teacher.mixture
-        return mixture.sample(n, batch["cond_index"].cpu() if mixture.conditional else None).to(self.device)
 
     # ------------------------------------------------------------------ pieces of Algorithm 1
     def sample_times(self, n: int) -> Tensor:
