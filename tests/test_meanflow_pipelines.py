@@ -49,6 +49,19 @@ def overrides(folder: Path, out: Path, *extra: str) -> list[str]:
             "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "train.ema_decay=0", *extra]
 
 
+def exported_with_random_interval(tiny, tmp_path, run: str, *extra: str):
+    """A one-step training run, its student's interval embedding set to random values (it starts at zero, which
+    would hide a wrong fold), exported: (generator, export folder)."""
+    trainer = Trainer(load_config(PRESET, overrides(tiny, tmp_path / run, *extra, "train.max_steps=1",
+                                                    "train.checkpoint_every=0")))
+    trainer.train()
+    generator = trainer.generator_for_inference()
+    with torch.no_grad():
+        for p in generator.backbone.time_text_embed.timestep_embedder.interval.parameters():
+            p.normal_(0, 0.1)
+    return generator, trainer.objective.export(generator, tmp_path / "export")
+
+
 def test_trains_resumes_and_the_plain_diffusers_export_samples_the_student(tiny, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     trainer = Trainer(load_config(PRESET, overrides(tiny, straight)))
@@ -90,14 +103,7 @@ def test_two_step_export_samples_at_one_and_one_half(tiny, tmp_path):
     assert main(["train", "--config", str(PRESET), *overrides(tiny, tmp_path / "run", "objective.sample_steps=2",
                                                               "train.max_steps=1", "train.checkpoint_every=0")]) == 0
     assert load_exported(tmp_path / "run" / "final")[1]["pipeline_kwargs"]["sigmas"] == [1.0, 0.5]
-    trainer = Trainer(load_config(PRESET, overrides(tiny, tmp_path / "run2", "objective.sample_steps=2",
-                                                    "train.max_steps=1", "train.checkpoint_every=0")))
-    trainer.train()
-    generator = trainer.generator_for_inference()
-    with torch.no_grad():
-        for p in generator.backbone.time_text_embed.timestep_embedder.interval.parameters():
-            p.normal_(0, 0.1)
-    folder = trainer.objective.export(generator, tmp_path / "export")
+    generator, folder = exported_with_random_interval(tiny, tmp_path, "run2", "objective.sample_steps=2")
     pipe, recipe = load_exported(folder)
     assert recipe["pipeline_kwargs"] == {"sigmas": [1.0, 0.5], "guidance_scale": 0.0}
     pipe.set_progress_bar_config(disable=True)
@@ -178,14 +184,8 @@ def test_vp_teacher_distilled_directly_into_a_flow_student(tmp_path):
 def test_lora_student_exports_merged_weights_only(tiny, tmp_path):
     """The interval embedding and its fold live outside a LoRA adapter, so a LoRA student's export holds the merged
     transformer and no adapter folder; it samples what the student samples."""
-    trainer = Trainer(load_config(PRESET, overrides(tiny, tmp_path / "run", "student.kind=lora", "student.lora_rank=4",
-                                                    "train.max_steps=1", "train.checkpoint_every=0")))
-    trainer.train()
-    generator = trainer.generator_for_inference()
-    with torch.no_grad():
-        for p in generator.backbone.time_text_embed.timestep_embedder.interval.parameters():
-            p.normal_(0, 0.1)
-    folder = trainer.objective.export(generator, tmp_path / "export")
+    generator, folder = exported_with_random_interval(tiny, tmp_path, "run", "student.kind=lora",
+                                                          "student.lora_rank=4")
     assert not (folder / "lora").exists()
     pipe, recipe = load_exported(folder)
     pipe.set_progress_bar_config(disable=True)
