@@ -185,7 +185,7 @@ def test_lora_student_exports_merged_weights_only(tiny, tmp_path):
     """The interval embedding and its fold live outside a LoRA adapter, so a LoRA student's export holds the merged
     transformer and no adapter folder; it samples what the student samples."""
     generator, folder = exported_with_random_interval(tiny, tmp_path, "run", "student.kind=lora",
-                                                          "student.lora_rank=4")
+                                                      "student.lora_rank=4")
     assert not (folder / "lora").exists()
     pipe, recipe = load_exported(folder)
     pipe.set_progress_bar_config(disable=True)
