@@ -196,6 +196,10 @@ class NoiseSchedule:
             return (a * eps - s * x0).to(x0.dtype)
         raise ValueError(f"prediction_type {kind!r} is not one of {PREDICTION_TYPES}")
 
+    def flow_timestep(self, s: Tensor) -> Tensor:
+        """The model timestep of flow time s on a flow schedule, t = T s (the inverse of alpha_sigma's sigma = t / T)."""
+        return s * self.num_train_timesteps
+
     def to_flow(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The rectified-flow coordinates of a state of this schedule: z = x_t / (alpha_t + sigma_t) at flow time
         s = sigma_t / (alpha_t + sigma_t), so that z = (1 - s) x0 + s eps (InstaFlow's change of variables; a DDIM

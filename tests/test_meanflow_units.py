@@ -8,7 +8,7 @@ import torch
 
 from stepdistill.export import load_mlp_student
 from stepdistill.objectives.continuous.meanflow import MeanFlow
-from stepdistill.objectives.continuous.meanflow_student import TimeAndInterval, model_time
+from stepdistill.objectives.continuous.meanflow_student import TimeAndInterval
 from stepdistill.training.lean import build
 
 PRESET = "configs/meanflow_gmm.yaml"
@@ -76,7 +76,7 @@ def identity_residual(cls):
     r = t * 0.8 * torch.rand(n, generator=g)  # t - r >= 0.02: the closed form's own rounding stays small
     z = objective.generator.schedule.add_noise(objective.teacher.mixture.sample(n, generator=g),
                                                torch.randn(n, 2, generator=g),
-                                               model_time(objective.generator.schedule, t))
+                                               objective.generator.schedule.flow_timestep(t))
     cond = objective.teacher.encode(torch.zeros(n, dtype=torch.long))
     v = objective.teacher_velocity(z, t, cond)
     target = objective.target(z, r, t, v, cond)

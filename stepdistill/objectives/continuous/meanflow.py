@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from stepdistill.config.schema import PairsConfig
 from stepdistill.jvp import jvp
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
-from stepdistill.objectives.continuous.meanflow_student import MeanFlowGenerator, model_time
+from stepdistill.objectives.continuous.meanflow_student import MeanFlowGenerator
 from stepdistill.objectives.continuous.samples import CleanSamples
 from stepdistill.objectives.rectified_flow.reflow import flow_student_schedule
 from stepdistill.schedules import NoiseSchedule, _bcast
@@ -107,14 +107,14 @@ class MeanFlow(CleanSamples, Objective):
         teacher on the student's axis that is z itself at T t; a VP teacher is exact up to its largest sigma
         (tau clamped at T - 1: SD's sigma_max 14.6, flow times above 0.936)."""
         flow, teacher = self.generator.schedule, self.teacher.schedule
-        theta = flow.trigflow_time(model_time(flow, t), 1.0)
+        theta = flow.trigflow_time(flow.flow_timestep(t), 1.0)
         c_flow = flow.from_trigflow(theta, 1.0)[1]
         tau, c_teacher = teacher.from_trigflow(theta, 1.0)
         tau = tau.to(torch.float32)
         x_tau = (_bcast(c_teacher / c_flow, z) * z.double()).to(z.dtype)
         out = self.teacher.guided_output(x_tau, tau, cond, self.config.teacher_guidance if cond.fields else 1.0)
         x0, eps = teacher.to_x0_eps(out, x_tau, tau)
-        return flow.from_x0_eps(x0, eps, model_time(flow, t), "flow")
+        return flow.from_x0_eps(x0, eps, flow.flow_timestep(t), "flow")
 
     def tangents(self, v: Tensor, r: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The direction of d/dt along the trajectory: (dz/dt, dr/dt, dt/dt) = (v, 0, 1)."""
@@ -140,7 +140,7 @@ class MeanFlow(CleanSamples, Objective):
         cond = self.source.encode(batch["cond_index"]).to(self.device)
         x = self.clean_samples(batch, len(cond))
         r, t = self.sample_times(len(x))
-        z = self.generator.schedule.add_noise(x, torch.randn_like(x), model_time(self.generator.schedule, t))
+        z = self.generator.schedule.add_noise(x, torch.randn_like(x), self.generator.schedule.flow_timestep(t))
         v = self.teacher_velocity(z, t, cond)
         u_tgt = self.target(z, r, t, v, cond)
         u = self.generator.average_velocity(z, cond, r, t)

@@ -38,12 +38,6 @@ TIME_EMBEDDERS = {"TimeCondMLP": ("time_mlp", "2"), "UNet2DConditionModel": ("ti
 FREQUENCY_DIM = 256  # DiT's TimestepEmbedder frequency_embedding_size, as the MeanFlow DiT's h-embedder
 
 
-def model_time(schedule: NoiseSchedule, s: Tensor) -> Tensor:
-    """The model timestep of flow time s: t = T s. (schedules.py gives the flow time of a state, `to_flow`, but
-    not this inverse; for a flow schedule alpha_sigma reads sigma = t / T.)"""
-    return s * schedule.num_train_timesteps
-
-
 def uniform_grid(num_steps: int, num_train_timesteps: int) -> list[float]:
     """[T, T (N-1)/N, ..., T/N]: N steps of equal length h = T / N."""
     return [num_train_timesteps * (1.0 - i / num_steps) for i in range(num_steps)]
@@ -140,8 +134,8 @@ class MeanFlowGenerator(OdeGenerator):
 
     def average_velocity(self, z: Tensor, cond: Cond, r: Tensor, t: Tensor) -> Tensor:
         """u_theta(z, r, t) for flow times r <= t [B] (fp32); differentiable in z, r and t (forward mode too)."""
-        with interval(model_time(self.schedule, t - r)):
-            return self.teacher.call(self.backbone, z, model_time(self.schedule, t), self.fields(cond, z))
+        with interval(self.schedule.flow_timestep(t - r)):
+            return self.teacher.call(self.backbone, z, self.schedule.flow_timestep(t), self.fields(cond, z))
 
     def output(self, z: Tensor, cond: Cond, t: Tensor) -> Tensor:
         """u(z, 0, t): the average velocity to the data, so that `forward` is the one-jump x0 = z - s u."""
