@@ -124,3 +124,76 @@ def test_pairs_refuses_an_objective_without_pairs(tmp_path):
     config.write_text(yaml.safe_dump(t))
     proc = run_cli("pairs", "--config", config, cwd=tmp_path)
     assert_fails(proc, 2, "objective consistency caches no teacher pairs")
+
+
+# a run that pauses after its first shard until `go` exists
+PAUSED = '''
+import sys, time
+from pathlib import Path
+import stepdistill.data.pairs as pairs
+from stepdistill.cli import main
+
+save = pairs.save_tensors_atomic
+def save_then_wait(tensors, path):
+    save(tensors, path)
+    Path(sys.argv[1]).touch()
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+pairs.save_tensors_atomic = save_then_wait
+sys.exit(main(sys.argv[3:]))
+'''
+# a run that marks the moment it asks for the pair folder's lock
+ASKS_LOCK = '''
+import sys
+from pathlib import Path
+import stepdistill.data.pairs as pairs
+from stepdistill.cli import main
+
+flock = pairs.fcntl.flock
+def marked_flock(fd, op):
+    Path(sys.argv[1]).touch()
+    return flock(fd, op)
+pairs.fcntl.flock = marked_flock
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def test_two_runs_sharing_a_pair_folder_make_it_once(tmp_path):
+    """Two independent runs (a sweep's seeds) pointed at one objective.pairs.dir: the second waits for the
+    first's lock while the first is mid-way, then reuses its cache; both succeed and the cache equals one made
+    alone (before the lock, the second rewrote the first's half-made folder and one of them failed)."""
+    shared = tmp_path / "pairs" / "shared"
+    configs = []
+    for name in ("a", "b"):
+        t = tree(tmp_path / name)
+        t["objective"]["pairs"]["dir"] = str(shared)
+        configs.append(tmp_path / f"{name}.yaml")
+        configs[-1].write_text(yaml.safe_dump(t))
+    reference_objective = build_objective(config_from_dict(tree(tmp_path / "one")))
+    with split_across(PairProcesses(shard_size=SHARD, batch_size=SHARD)) as one:
+        reference_objective.prepare_data(str(tmp_path / "one"), "cpu")
+    args = ["--shard-size", str(SHARD), "--batch-size", str(SHARD)]
+    mid, go, asked = tmp_path / "mid", tmp_path / "go", tmp_path / "asked"
+    popen = {"cwd": tmp_path, "env": env(), "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with started([sys.executable, "-c", PAUSED, str(mid), str(go), "pairs", "--config", str(configs[0]), *args],
+                 **popen) as a:
+        deadline = time.monotonic() + 300  # bounds against hangs, not timing assertions
+        while not mid.exists():
+            assert a.poll() is None and time.monotonic() < deadline, a.communicate()[1][-3000:]
+            time.sleep(0.1)
+        with started([sys.executable, "-c", ASKS_LOCK, str(asked), "pairs", "--config", str(configs[1]), *args],
+                     **popen) as b:
+            while not asked.exists():  # b reached the lock while a holds it mid-way
+                assert b.poll() is None and time.monotonic() < deadline, b.communicate()[1][-3000:]
+                time.sleep(0.1)
+            go.touch()
+            err_a = a.communicate(timeout=600)[1]
+            err_b = b.communicate(timeout=600)[1]
+    assert a.returncode == 0, err_a[-3000:]
+    assert b.returncode == 0, err_b[-3000:]
+    assert not shared.with_name("shared.partial").exists()
+    made, reference = cache(shared), cache(one.made[0])
+    assert made.keys() == reference.keys() and len(made) == NUM // SHARD
+    for name, tensors in reference.items():
+        for key, value in tensors.items():
+            assert torch.equal(made[name][key], value), (name, key)

@@ -109,10 +109,32 @@ def test_fullsize_presets_command_runs_each_preset_in_a_child(tmp_path):
     own error in its row (the table never hides a preset), not as the parent's argument error."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "eval/fullsize.py"), "presets", "--only", "no_such_preset",
-                           "--out", str(out), "--work", str(tmp_path / "work")], cwd=tmp_path, capture_output=True,
+                           "--out", str(out), "--work", str(tmp_path / "work")], check=False, cwd=tmp_path,
+                          capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (row,) = json.loads((out / "presets.json").read_text())
     assert row["status"].startswith("failed") and "no_such_preset" in row["status"], row
     assert "invalid choice" not in row["status"]
     assert "| no_such_preset |" in (out / "presets.md").read_text()
+
+
+def test_preset_probe_counts_the_trainers_tensors_per_launch_not_the_process(tmp_path):
+    """The presets' memory column: each training step's peak is counted from the trainer's own tensors, launch by
+    launch, so tensors the process holds beside it (here a 256 MiB ballast; at full size the first launch's
+    leftovers) stay out of it, as in the planner check."""
+    import torch
+
+    from stepdistill.perf.fullsize import image_folder, small_tree, train_twice
+    from stepdistill.teachers.tiny import build_tiny_pipeline
+
+    teacher = tmp_path / "tiny-sd"
+    build_tiny_pipeline("sd").save_pretrained(str(teacher))
+    tree = small_tree("dmd2_sd15", ["student.kind=lora", "objective.critic=shared_base"], teacher,
+                      image_folder(tmp_path), tmp_path / "run")
+    ballast = torch.ones(64 * 2**20)  # 256 MiB alive through both launches
+    probe, stopped_at = train_twice(tree, tmp_path / "run")
+    assert stopped_at == ["checkpoint-1"] and probe.launches == 2 and len(probe.step_s) == 2
+    pipeline_bytes = sum(f.stat().st_size for f in teacher.rglob("*.safetensors"))
+    for peak in probe.launch_peaks:
+        assert pipeline_bytes < peak < ballast.nbytes, (peak, pipeline_bytes)

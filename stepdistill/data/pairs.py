@@ -8,6 +8,7 @@ its finished shards there and the next one computes only the missing ones; the f
 rename when every shard is there. Under `split_across(...)` the missing shards are divided among processes."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -148,6 +149,26 @@ def _start_partial(partial: Path, plan: dict) -> None:
     write_atomic(partial / PLAN_FILE, json.dumps(plan))
 
 
+@contextmanager
+def exclusive(folder: Path, held: bool) -> Iterator[None]:
+    """An exclusive lock on `folder` (flock on the folder itself: no lock file is left behind) while `held`:
+    independent runs that share one pair folder (a sweep's seeds) make a cache once, the others wait and reuse it."""
+    if not held:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("teacher pairs: another run is writing to %s; waiting for it", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @torch.no_grad()
 def generate_pairs(teacher: Teacher, source: ConditionSource, cfg, output_dir: str | os.PathLike,
                    device: torch.device | str = "cpu", state_timesteps: list[float] | None = None) -> Path:
@@ -170,41 +191,43 @@ def generate_pairs(teacher: Teacher, source: ConditionSource, cfg, output_dir: s
               "sampler": "DDIM (trailing)" if teacher.schedule.kind == "vp" else "flow Euler"}
     meta = {"key": key, "num_pairs": cfg.num, "recipe": recipe}
     procs.made.append(directory)
-    if _complete(directory, meta):
+    with exclusive(directory.parent, procs.is_main):
+        procs.barrier()  # the main process holds the lock: every process sees the cache as it stands
+        if _complete(directory, meta):
+            return directory
+        partial = directory.with_name(directory.name + ".partial")
+        shards = math.ceil(cfg.num / procs.shard_size)
+        if procs.is_main:
+            _start_partial(partial, {"key": key, "num_pairs": cfg.num, "shard_size": procs.shard_size})
+        procs.barrier()
+        missing = [k for k in range(shards) if not (partial / shard_name(k)).is_file()]
+        procs.barrier()  # every process has listed the same missing shards before any is written
+        mine = missing[procs.index::procs.count]
+        bounds = {k: (k * procs.shard_size, min((k + 1) * procs.shard_size, cfg.num)) for k in mine}
+        progress = {} if procs.is_main else {"disable": True}
+        with tqdm(total=sum(hi - lo for lo, hi in bounds.values()), desc="teacher pairs", unit="pair",
+                  **progress) as bar:
+            try:
+                for k, (lo, hi) in bounds.items():
+                    save_tensors_atomic(make_shard(teacher, source, cfg, lo, hi, device, procs.batch_size,
+                                                   state_timesteps, bar), partial / shard_name(k))
+            except BaseException:
+                done = len(list(partial.glob("pairs-*.safetensors")))
+                logger.warning("teacher pairs stopped: %d of %d shards are finished in %s; the same command computes "
+                               "only the others", done, shards, partial)
+                raise
+        procs.barrier()
+        absent = [shard_name(k) for k in range(shards) if not (partial / shard_name(k)).is_file()]
+        if absent:  # every process sees it, so none waits for the others
+            raise RuntimeError(f"{len(absent)} pair shards (e.g. {absent[0]}) are not in {partial} after every process "
+                               "finished: on several machines the pair folder must be on storage they all see (set "
+                               "objective.pairs.dir to one)")
+        procs.barrier()  # every process has checked before the folder is renamed
+        if procs.is_main:
+            (partial / PLAN_FILE).unlink()
+            write_atomic(partial / "meta.json", json.dumps(meta))
+            readable_by_all(partial)
+            shutil.rmtree(directory, ignore_errors=True)
+            partial.rename(directory)
+        procs.barrier()
         return directory
-    partial = directory.with_name(directory.name + ".partial")
-    shards = math.ceil(cfg.num / procs.shard_size)
-    if procs.is_main:
-        _start_partial(partial, {"key": key, "num_pairs": cfg.num, "shard_size": procs.shard_size})
-    procs.barrier()
-    missing = [k for k in range(shards) if not (partial / shard_name(k)).is_file()]
-    procs.barrier()  # every process has listed the same missing shards before any is written
-    mine = missing[procs.index::procs.count]
-    bounds = {k: (k * procs.shard_size, min((k + 1) * procs.shard_size, cfg.num)) for k in mine}
-    progress = {} if procs.is_main else {"disable": True}
-    with tqdm(total=sum(hi - lo for lo, hi in bounds.values()), desc="teacher pairs", unit="pair",
-              **progress) as bar:
-        try:
-            for k, (lo, hi) in bounds.items():
-                save_tensors_atomic(make_shard(teacher, source, cfg, lo, hi, device, procs.batch_size,
-                                               state_timesteps, bar), partial / shard_name(k))
-        except BaseException:
-            done = len(list(partial.glob("pairs-*.safetensors")))
-            logger.warning("teacher pairs stopped: %d of %d shards are finished in %s; the same command computes "
-                           "only the others", done, shards, partial)
-            raise
-    procs.barrier()
-    absent = [shard_name(k) for k in range(shards) if not (partial / shard_name(k)).is_file()]
-    if absent:  # every process sees it, so none waits for the others
-        raise RuntimeError(f"{len(absent)} pair shards (e.g. {absent[0]}) are not in {partial} after every process "
-                           "finished: on several machines the pair folder must be on storage they all see (set "
-                           "objective.pairs.dir to one)")
-    procs.barrier()  # every process has checked before the folder is renamed
-    if procs.is_main:
-        (partial / PLAN_FILE).unlink()
-        write_atomic(partial / "meta.json", json.dumps(meta))
-        readable_by_all(partial)
-        shutil.rmtree(directory, ignore_errors=True)
-        partial.rename(directory)
-    procs.barrier()
-    return directory
