@@ -87,9 +87,9 @@ class DiffusersTeacher(Teacher):
             raise TypeError(f"{type(self).__name__}.encode takes prompt strings, got {type(prompts[0]).__name__}")
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         encoded: dict[str, dict[str, Tensor]] = {}
-        if missing:
-            fields = self._encode(missing)
-            encoded = {p: {k: v[i:i + 1].cpu() for k, v in fields.items()} for i, p in enumerate(missing)}
+        if missing:  # one prompt per call: an embedding must not depend on the batch it was first encoded in (the
+            # matmul kernels round by batch shape), or a resumed run, whose cache fills in another order, differs
+            encoded = {p: {k: v.cpu() for k, v in self._encode([p]).items()} for p in missing}
             if cache:
                 self._cache.update(encoded)
         if self._null is None:
