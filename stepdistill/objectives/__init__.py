@@ -4,6 +4,7 @@ from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGro
 from stepdistill.objectives.boot import Boot
 from stepdistill.objectives.consistency import Consistency
 from stepdistill.objectives.continuous.meanflow import MeanFlow
+from stepdistill.objectives.continuous.rcm import RCM
 from stepdistill.objectives.continuous.scd import SCD
 from stepdistill.objectives.rectified_flow import FlowGuided, Reflow
 from stepdistill.objectives.registry import REGISTRY, build_objective, objective_class, register
@@ -13,7 +14,7 @@ from stepdistill.objectives.score_distillation.sid import SiD
 from stepdistill.objectives.score_distillation.vsd import VSD
 from stepdistill.objectives.score_matching import ScoreMatching
 
-for _cls in (Regression, DMD2, Consistency, Boot, VSD, SiD, ScoreMatching, Reflow, FlowGuided, SCD, MeanFlow):
+for _cls in (Regression, DMD2, Consistency, Boot, VSD, SiD, ScoreMatching, Reflow, FlowGuided, SCD, MeanFlow, RCM):
     register(_cls)
 
 __all__ = ["REGISTRY", "Objective", "ObjectiveConfig", "OptimizerGroup", "PlanHints", "build_objective",
