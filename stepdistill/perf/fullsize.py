@@ -139,22 +139,32 @@ def choose_options(preset: str, model: str, root: Path, budget_gib: float) -> tu
 
 
 class _Probe:
-    """A trainer hook: times each training step and measures its peak of live tensor memory (from the bytes alive
-    as the step starts: weights, optimizer states, caches; checkpoint writes and the export left out), and asks
-    the first launch to stop after its first step (the trainer's SIGTERM path: checkpoint, then stop)."""
+    """A trainer hook: times each training step and measures its peak of live tensor memory, counted from what the
+    trainer holds as the step starts (`training_tensors`: weights, optimizer states, EMA; as the planner check
+    does), so an earlier launch's leftovers, checkpoint writes and the export stay out of it; and asks the first
+    launch to stop after its first step (the trainer's SIGTERM path: checkpoint, then stop)."""
 
-    def __init__(self, memory) -> None:
-        self.memory, self.launches, self.step_s, self.params = memory, 0, [], {}
-        self.train_peak = 0
+    def __init__(self) -> None:
+        self.launches, self.step_s, self.params = 0, [], {}
+        self.launch_peaks: list[int] = []  # per launch: the peak over its training steps
+
+    @property
+    def train_peak(self) -> int:
+        return max(self.launch_peaks, default=0)
 
     def __call__(self):
         return self
 
     def on_train_start(self, trainer) -> None:
+        import gc
+
         import torch
 
+        from stepdistill.perf.measure import LiveTensorMemory, training_tensors
+
+        gc.collect()  # the first launch's trainer, if a reference cycle still holds it
         self.launches += 1
-        self.memory.scan()  # weights read from files were made outside the dispatcher
+        self.launch_peaks.append(0)
         objective = trainer.objective
         trainable = {p.untyped_storage()._cdata: p.numel() for p in objective.parameters() if p.requires_grad}
         pipe_modules = [m for m in objective.teacher.pipe.components.values() if isinstance(m, torch.nn.Module)]
@@ -165,9 +175,9 @@ class _Probe:
 
         def measured_step(batch):
             started = time.perf_counter()
-            self.memory.peak = self.memory.current
-            logs = step(batch)
-            self.train_peak = max(self.train_peak, self.memory.peak)
+            with LiveTensorMemory(alive=training_tensors(trainer)) as memory:
+                logs = step(batch)
+            self.launch_peaks[-1] = max(self.launch_peaks[-1], memory.peak)
             self.step_s.append(time.perf_counter() - started)
             return logs
 
@@ -202,6 +212,22 @@ def _launch(tree: dict) -> None:
         pass
 
 
+def train_twice(tree: dict, out_dir: Path) -> tuple[_Probe, list[str]]:
+    """Two launches of `tree` under the probe: the first stopped after step 1's checkpoint, the second resumed (a
+    recipe resumes each stage from its own folder); the probe and the checkpoints the first one left."""
+    from stepdistill.training import DEFAULT_HOOKS
+
+    probe = _Probe()
+    DEFAULT_HOOKS.append(probe)
+    try:
+        _launch(tree)
+        stopped_at = sorted(p.name for p in out_dir.rglob("checkpoint-*") if p.is_dir())
+        _launch(tree if tree.get("recipe") else {**tree, "train": {**tree["train"], "resume": "latest"}})
+    finally:
+        DEFAULT_HOOKS.remove(probe)
+    return probe, stopped_at
+
+
 def sample_export(folder: Path) -> dict:
     """Reload an export with plain diffusers and sample one image with its recipe (stepdistill.json's
     pipeline_kwargs): image size and backbone calls; and the step count a bare `pipe(prompt)` would take."""
@@ -228,10 +254,7 @@ def sample_export(folder: Path) -> dict:
 def preset_case(preset: str, root: Path, budget_gib: float) -> dict:
     """One preset end to end: options, two launches (stopped after step 1, then resumed), export reload."""
     from stepdistill.config import config_from_dict, load_config_tree
-    from stepdistill.perf.measure import LiveTensorMemory
     from stepdistill.perf.memory import model_of
-    from stepdistill.training import DEFAULT_HOOKS
-
     base = load_config_tree(preset)
     model = model_of(config_from_dict({**base, "recipe": []}))
     option, keys, tried = choose_options(preset, model, root, budget_gib)
@@ -239,13 +262,7 @@ def preset_case(preset: str, root: Path, budget_gib: float) -> dict:
            "option": option, "set": keys, "plan": tried}
     out_dir = root / "runs" / preset
     tree = small_tree(preset, keys, random_pipeline(model, root / "pipelines"), image_folder(root), out_dir)
-    memory = LiveTensorMemory()
-    probe = _Probe(memory)
-    DEFAULT_HOOKS.append(probe)
-    with memory:
-        _launch(tree)
-        stopped_at = sorted(p.name for p in out_dir.rglob("checkpoint-*") if p.is_dir())
-        _launch(tree if tree.get("recipe") else {**tree, "train": {**tree["train"], "resume": "latest"}})
+    probe, stopped_at = train_twice(tree, out_dir)
     exports = sorted(out_dir.rglob("final/stepdistill.json"), key=lambda p: p.stat().st_mtime)
     row.update(launches=probe.launches, checkpoints=stopped_at, params=probe.params,
                seconds_per_iteration=sorted(probe.step_s)[len(probe.step_s) // 2] if probe.step_s else None,
