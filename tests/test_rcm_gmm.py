@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trigflow_utils import train_stage
 
 from stepdistill.config import load_config_tree
 from stepdistill.evaluation.distribution import evaluate_generator
@@ -151,11 +152,7 @@ def pretrained(tmp_path_factory) -> Path:
     """Stage `pretrain` of the preset (teacher score matching, its steps), exported where `rcm` starts from."""
     root = tmp_path_factory.mktemp("rcm_gmm")
     cfg, stage = stage_cfg("pretrain", root)
-    torch.manual_seed(0)
-    objective = build_objective(cfg, "cpu")
-    objective.prepare_data(cfg.train.output_dir, "cpu")
-    optimize(objective, cfg.train.max_steps, cfg.train.batch_size, 0, cfg.train.lr_scheduler)
-    objective.export(objective.generator, stage.final)
+    train_stage(cfg, stage.final)
     return root
 
 

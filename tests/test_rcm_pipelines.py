@@ -8,30 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    LCMScheduler,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-)
 from reliability_utils import assert_same, checkpoint_state
+from trigflow_utils import KINDS, PROMPT, tiny_pipelines
 
 from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.objectives import build_objective
 from stepdistill.pipelines import load_exported
-from stepdistill.teachers.tiny import save_tiny_pipeline
 
 PRESET = Path(__file__).parents[1] / "configs" / "rcm_sd3.yaml"
-PROMPT = "a photo of a cat"
-KINDS = {"sd": (StableDiffusionPipeline, LCMScheduler, [999, 349]),
-         "sd3": (StableDiffusion3Pipeline, FlowMatchEulerDiscreteScheduler, [1000, 496])}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {k: save_tiny_pipeline(k, root / k) for k in KINDS}
+    return tiny_pipelines(tmp_path_factory.mktemp("tiny"))
 
 
 def overrides(kind: str, folder: Path, out: Path, *extra: str) -> list[str]:
