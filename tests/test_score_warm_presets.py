@@ -13,7 +13,7 @@ from stepdistill.recipes.runner import stage_config
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((ROOT / "eval/sweeps/score_warm.yaml").read_text())
 # preset -> (its second stage's name, the sweep cell it ships)
-PRESETS = {"vsd_warm_digits": ("vsd", "vsd_tg"), "snoopi_warm_digits": ("snoopi", "pgsb_tg"),
+PRESETS = {"vsd_warm_digits": ("vsd", "vsd_tg_lr2"), "snoopi_warm_digits": ("snoopi", "pgsb_tg_lr2"),
            "sid_warm_digits": ("sid", "sid")}
 
 
@@ -41,7 +41,8 @@ def test_warm_preset_is_its_sweep_cell(preset, tmp_path):
     assert score.objective == swept.objective
     assert (score.train.max_steps, score.train.batch_size, score.train.lr_scheduler, score.train.ema_decay) == (
         swept.train.max_steps, swept.train.batch_size, swept.train.lr_scheduler, swept.train.ema_decay)
-    assert score.objective.generator_lr == 5e-5 and score.objective.critic_lr == 1e-3
+    assert score.objective.generator_lr == (5e-5 if stage_name == "sid" else 2e-5)
+    assert score.objective.critic_lr == 1e-3
 
 
 def test_vsd_warm_preset_guides_the_teacher_score_only(tmp_path):
