@@ -148,9 +148,8 @@ def run_preset_recipe(name: str, out: Path, reference: dict, per_digit: int) -> 
     """Run a recipe method's preset on the shipped teacher and evaluate its listed stages at their step counts; the
     last row carries the whole recipe's training time and steps."""
     from stepdistill.config import load_config_tree
-    from stepdistill.evaluation.miniature import sampling_kwargs
     from stepdistill.miniature.demo import asset_overrides
-    from stepdistill.pipelines import load_exported
+    from stepdistill.pipelines import load_exported, sampling_kwargs
     from stepdistill.recipes import run_recipe
 
     method = METHODS[name]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from stepdistill.evaluation.clip import DEFAULT_CLIP, clip_score
 from stepdistill.evaluation.fid import FIDProtocol, compute_fid, reference_statistics
+from stepdistill.pipelines import sampling_kwargs
 
 
 @dataclass
@@ -111,8 +112,7 @@ def run_coco_eval(pipe, preset: CocoPreset, captions_file: str | Path, out_dir: 
     recipe = recipe or {}
     steps = preset.steps or recipe.get("num_inference_steps", 50)
     guidance = preset.guidance_scale if preset.guidance_scale >= 0 else recipe.get("guidance_scale", 7.5)
-    pipeline_kwargs = {k: v for k, v in recipe.get("pipeline_kwargs", {}).items()
-                       if k not in ("guidance_scale", "num_inference_steps")}
+    pipeline_kwargs = sampling_kwargs(recipe, preset.steps)
     prompts = select_prompts(read_captions(captions_file), preset.num_samples, preset.seed)
     fid_protocol = fid_protocol or FIDProtocol()
     pipe.set_progress_bar_config(disable=True)

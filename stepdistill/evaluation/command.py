@@ -55,15 +55,15 @@ def check_eval_inputs(args: argparse.Namespace) -> None:
 
 
 def evaluate_cli(args: argparse.Namespace) -> dict:
-    from stepdistill.evaluation.miniature import sampling_kwargs
     from stepdistill.evaluation.sampling_speed import measure_speed
+    from stepdistill.pipelines import sampling_kwargs
 
     check_eval_inputs(args)
     pipe, recipe = load_exported(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     out = Path(args.out or Path(args.pipeline) / f"eval-{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
-    kwargs = sampling_kwargs(recipe)
+    kwargs = sampling_kwargs(recipe, args.steps)
     if args.preset in DATASETS:
         result = _miniature(pipe, recipe, args, kwargs)
     else:

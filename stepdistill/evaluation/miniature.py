@@ -15,7 +15,7 @@ from stepdistill.evaluation.fid import frechet_distance, statistics
 from stepdistill.miniature import MiniatureDataset, get_dataset
 from stepdistill.miniature.classifier import ClassifierFeatures
 from stepdistill.miniature.dataset import sample_pipeline
-from stepdistill.pipelines import load_exported
+from stepdistill.pipelines import load_exported, sampling_kwargs
 
 REFERENCE_SEED = 1000  # the teacher's reference set; seed + 1 draws the second set behind the teacher floor
 EVAL_SEED = 2000
@@ -125,12 +125,6 @@ def evaluate_pipeline(pipe, dataset: str | MiniatureDataset, reference: dict, st
     return metrics, images
 
 
-def sampling_kwargs(recipe: dict) -> dict:
-    """An export recipe's pipeline arguments other than steps and CFG (timesteps, eta, ...)."""
-    return {k: v for k, v in recipe.get("pipeline_kwargs", {}).items()
-            if k not in ("guidance_scale", "num_inference_steps")}
-
-
 def recipe_sampling(recipe: dict, dataset: MiniatureDataset, steps: int | None = None,
                     guidance: float | None = None) -> tuple[int, float]:
     """Steps and CFG to sample a pipeline folder with: those given, else its export recipe's, else 50 steps at the
@@ -151,7 +145,7 @@ def evaluate_student(folder: str | Path, teacher: str | MiniatureDataset = "digi
     pipe, recipe = load_exported(folder)
     steps, guidance = recipe_sampling(recipe, dataset, steps, guidance)
     metrics, _ = evaluate_pipeline(pipe, dataset, reference, steps, guidance, per_class, seed,
-                                   **sampling_kwargs(recipe))
+                                   **sampling_kwargs(recipe, steps))
     return {"teacher": dataset.name, "pipeline": str(folder), **metrics, "floors": floors(reference)}
 
 

@@ -19,12 +19,11 @@ from stepdistill.evaluation.miniature import (
     floors,
     load_reference,
     markdown_table,
-    sampling_kwargs,
 )
 from stepdistill.miniature import MiniatureDataset, get_dataset
 from stepdistill.miniature.dataset import sample_pipeline
 from stepdistill.miniature.teacher import load_teacher
-from stepdistill.pipelines import load_exported
+from stepdistill.pipelines import load_exported, sampling_kwargs
 
 logger = logging.getLogger(__name__)
 DEMO_CONFIG = "dmd2_warm_digits"  # a preset: regression on teacher pairs, then DMD2 from that student

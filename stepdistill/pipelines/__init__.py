@@ -54,3 +54,21 @@ def load_exported(folder: str | Path, **from_pretrained_kwargs):
 
 
 __all__ = ["RECIPE_FILE", "load_exported", "register_product_loader"]
+
+
+SCHEDULE_KWARGS = ("timesteps", "sigmas")  # an explicit sampling grid: it sets the step count by its length
+
+
+def sampling_kwargs(recipe: dict, steps: int | None = None) -> dict:
+    """An export recipe's pipeline arguments other than steps and CFG (timesteps, eta, ...). With `steps` and an
+    explicit grid (a few-step student's times), the grid's first `steps` entries: the student's `steps`-step
+    sampler, as `stepdistill sample` runs it; a pipeline would otherwise follow the grid and ignore the count."""
+    kwargs = {k: v for k, v in recipe.get("pipeline_kwargs", {}).items()
+              if k not in ("guidance_scale", "num_inference_steps")}
+    for key in SCHEDULE_KWARGS:
+        if steps is not None and key in kwargs:
+            if steps > len(kwargs[key]):
+                raise ValueError(f"the export samples at {key} {kwargs[key]} ({len(kwargs[key])} steps at most); "
+                                 f"ask for {len(kwargs[key])} steps or fewer")
+            kwargs[key] = kwargs[key][:steps]
+    return kwargs
