@@ -152,7 +152,8 @@ def _start_partial(partial: Path, plan: dict) -> None:
 @contextmanager
 def exclusive(folder: Path, held: bool) -> Iterator[None]:
     """An exclusive lock on `folder` (flock on the folder itself: no lock file is left behind) while `held`:
-    independent runs that share one pair folder (a sweep's seeds) make a cache once, the others wait and reuse it."""
+    independent runs that share one pair folder (a sweep's seeds) make a cache once, the others wait and reuse it.
+    The lock is the caches' parent, so runs making different caches beside each other take turns."""
     if not held:
         yield
         return
