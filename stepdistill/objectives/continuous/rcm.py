@@ -25,7 +25,12 @@ from torch import Tensor
 
 from stepdistill.objectives.base import OptimizerGroup, PlanHints
 from stepdistill.objectives.continuous.scd import SCD, SCDConfig
-from stepdistill.objectives.score_distillation.critic import CRITIC_KINDS, Critic, build_fake_score
+from stepdistill.objectives.score_distillation.critic import (
+    CRITIC_KINDS,
+    Critic,
+    build_fake_score,
+    shared_base_rungs,
+)
 from stepdistill.schedules import _bcast
 from stepdistill.teachers.base import Cond
 
@@ -78,10 +83,7 @@ class RCM(SCD):
 
     @classmethod
     def plan_hints(cls, cfg) -> PlanHints:
-        if cfg.objective.critic == "shared_base" or cfg.teacher.offload:
-            return PlanHints()
-        return PlanHints(rungs=[("shared-base LoRA critic", ["objective.critic=shared_base",
-                                                            f"objective.critic_lora_rank={cfg.objective.critic_lora_rank}"])])
+        return PlanHints(rungs=shared_base_rungs(cfg))
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         c = self.config

@@ -13,7 +13,13 @@ from torch import Tensor
 from stepdistill.config.schema import ConfigError
 from stepdistill.guidance import GUIDANCE_DRAWS, GuidanceSampler, apply_guidance
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup, PlanHints
-from stepdistill.objectives.score_distillation.critic import CRITIC_KINDS, Critic, build_fake_score, frozen
+from stepdistill.objectives.score_distillation.critic import (
+    CRITIC_KINDS,
+    Critic,
+    build_fake_score,
+    frozen,
+    shared_base_rungs,
+)
 from stepdistill.objectives.score_distillation.real_data import REAL_DATA, RealSamples
 from stepdistill.teachers.base import Cond
 
@@ -105,11 +111,7 @@ class ScoreDistillation(Objective):
 
     @classmethod
     def plan_hints(cls, cfg) -> PlanHints:
-        rungs = []
-        if cfg.objective.critic != "shared_base" and not cfg.teacher.offload:
-            rungs.append(("shared-base LoRA critic", ["objective.critic=shared_base",
-                                                      f"objective.critic_lora_rank={cfg.objective.critic_lora_rank}"]))
-        return PlanHints(meta_overrides=["objective.real_data=''"], rungs=rungs)
+        return PlanHints(meta_overrides=["objective.real_data=''"], rungs=shared_base_rungs(cfg))
 
     @property
     def reference_guidance(self) -> float:

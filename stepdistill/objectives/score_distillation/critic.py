@@ -113,6 +113,14 @@ class Critic(nn.Module):
         return out, self.head(features.float()).reshape(-1)
 
 
+def shared_base_rungs(cfg) -> list[tuple[str, list[str]]]:
+    """The memory planner's shared-base LoRA critic rung, for a critic not yet shared (and a teacher not offloaded)."""
+    if cfg.objective.critic == "shared_base" or cfg.teacher.offload:
+        return []
+    return [("shared-base LoRA critic", ["objective.critic=shared_base",
+                                         f"objective.critic_lora_rank={cfg.objective.critic_lora_rank}"])]
+
+
 def build_fake_score(teacher: Teacher, kind: str, rank: int, alpha: float | None = None,
                      targets: list[str] | None = None) -> nn.Module:
     """The fake score mu_fake, initialized as the teacher: a trainable copy (full), a LoRA on a frozen copy (lora),
