@@ -255,6 +255,7 @@ def preset_case(preset: str, root: Path, budget_gib: float) -> dict:
     """One preset end to end: options, two launches (stopped after step 1, then resumed), export reload."""
     from stepdistill.config import config_from_dict, load_config_tree
     from stepdistill.perf.memory import model_of
+
     base = load_config_tree(preset)
     model = model_of(config_from_dict({**base, "recipe": []}))
     option, keys, tried = choose_options(preset, model, root, budget_gib)

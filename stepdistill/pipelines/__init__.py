@@ -53,9 +53,6 @@ def load_exported(folder: str | Path, **from_pretrained_kwargs):
     return PRODUCT_LOADERS[product](folder, recipe, **from_pretrained_kwargs), recipe
 
 
-__all__ = ["RECIPE_FILE", "load_exported", "register_product_loader"]
-
-
 SCHEDULE_KWARGS = ("timesteps", "sigmas")  # an explicit sampling grid: it sets the step count by its length
 
 
@@ -72,3 +69,6 @@ def sampling_kwargs(recipe: dict, steps: int | None = None) -> dict:
                                  f"ask for {len(kwargs[key])} steps or fewer")
             kwargs[key] = kwargs[key][:steps]
     return kwargs
+
+
+__all__ = ["RECIPE_FILE", "load_exported", "register_product_loader", "sampling_kwargs"]
