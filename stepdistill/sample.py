@@ -1,7 +1,9 @@
 """`stepdistill sample`: images from an exported student (or any diffusers pipeline folder) from the shell. Each
 image is a PNG named by its prompt and seed, written as soon as its batch is sampled (a progress bar counts them),
 `grid.png` shows them labelled (a row per prompt, a column per seed, the first GRID_SEEDS seeds), and
-`samples.json` records the exact pipeline call. A student of the analytic teacher gives its points (CSV) and a
+`samples.json` records the exact pipeline call. A video pipeline's clips are a GIF each (Pillow), an MP4 where
+imageio-ffmpeg is installed (`pip install stepdistill[video]`) and a PNG of their frames side by side, which the
+grid shows. A student of the analytic teacher gives its points (CSV) and a
 scatter beside the teacher's own samples."""
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ IMAGES_PER_PROMPT = 4
 POINTS = 1024
 BATCH = 16  # images per pipeline call
 GRID_SEEDS = 8  # columns of grid.png
+FPS = 8  # frames per second of written clips
 RUN_CONFIG = "training_config.json"  # the config of the run an export came from (see training.restore)
 
 
@@ -82,11 +85,19 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
             for start in range(0, num, BATCH):
                 batch = seeds[start:start + BATCH]
                 generators = [torch.Generator().manual_seed(s) for s in batch]  # CPU noise: same images anywhere
-                images = pipe(prompt=[prompt] * len(batch), generator=generators, **call).images
-                for s, image in zip(batch, images):
-                    path = out / f"{i:02d}-{_slug(prompt)}-seed{s}.png"
-                    image.save(path)
-                    files.append(str(path))
+                result = pipe(prompt=[prompt] * len(batch), generator=generators, output_type="pil", **call)
+                clips = getattr(result, "frames", None)
+                images = []
+                for j, s in enumerate(batch):
+                    stem = out / f"{i:02d}-{_slug(prompt)}-seed{s}"
+                    if clips is None:
+                        images.append(result.images[j])
+                        images[-1].save(stem.with_suffix(".png"))
+                        files.append(str(stem.with_suffix(".png")))
+                    else:
+                        strip, written = write_clip(clips[j], stem)
+                        images.append(strip)
+                        files += written
                 if len(rows[i]) < GRID_SEEDS:
                     rows[i] += images[:GRID_SEEDS - len(rows[i])]
                 bar.update(len(batch))
@@ -96,6 +107,23 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
               "files": files, "grid": str(grid)}
     (out / "samples.json").write_text(json.dumps(record, indent=2))
     return {"out": str(out), "images": len(files), "grid": str(grid), "call": call}
+
+
+def write_clip(frames: list, stem: Path) -> tuple:
+    """One clip (PIL frames) as stem.gif, stem.mp4 (with imageio-ffmpeg) and stem.png (its frames side by side);
+    returns (the PNG's image, the files written)."""
+    from diffusers.utils import export_to_gif, export_to_video, make_image_grid
+
+    files = [export_to_gif(frames, str(stem.with_suffix(".gif")), fps=FPS)]
+    try:
+        import imageio_ffmpeg  # noqa: F401  (export_to_video's writer; without it, diffusers falls back to OpenCV)
+    except ImportError:
+        pass
+    else:
+        files.append(export_to_video(frames, str(stem.with_suffix(".mp4")), fps=FPS))
+    strip = make_image_grid(list(frames), rows=1, cols=len(frames))
+    strip.save(stem.with_suffix(".png"))
+    return strip, [*files, str(stem.with_suffix(".png"))]
 
 
 def sample_points(folder: Path, prompts: list[str], num: int, seed: int, out: Path) -> dict:

@@ -103,6 +103,9 @@ class NoiseSchedule:
 
         config = dict(config)
         name = str(config.get("_class_name", ""))
+        if config.get("use_flow_sigmas"):  # a multistep solver on flow sigmas (Wan's UniPC, flow_shift)
+            return cls.flow(float(config.get("flow_shift", 1.0)), int(config.get("num_train_timesteps", 1000)),
+                            inference_grid)
         if "FlowMatch" in name or ("shift" in config and "beta_start" not in config):
             num_train = int(config.get("num_train_timesteps", 1000))
             if not config.get("use_dynamic_shifting"):

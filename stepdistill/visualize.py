@@ -82,7 +82,11 @@ def labelled_grid(rows: list[list[Image.Image]], path: str | Path, row_labels: l
 
 def image_grid(images: Tensor, path: str | Path, columns: int | None = None, row_labels: list[str] | None = None,
                captions: list[str] | None = None) -> Path:
-    """Save images [B, C, H, W] in [0, 1] as a labelled PNG grid, `columns` per row (default: near-square)."""
+    """Save images [B, C, H, W] in [0, 1] as a labelled PNG grid, `columns` per row (default: near-square); clips
+    [B, C, F, H, W] show their frames side by side."""
+    if images.ndim == 5:
+        b, c, f, h, w = images.shape
+        images = images.permute(0, 1, 3, 2, 4).reshape(b, c, h, f * w)
     pictures = to_pil(images)
     columns = columns or math.ceil(math.sqrt(len(pictures)))
     rows = [pictures[i:i + columns] for i in range(0, len(pictures), columns)]

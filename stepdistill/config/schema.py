@@ -35,7 +35,7 @@ class TeacherConfig:
     # only for a separate teacher copy (not a shared-base critic or consistency's teacher_net=lora_base)
     offload: bool = False
 
-    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "flux", "auto", "mlp"),
+    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "flux", "wan", "auto", "mlp"),
                "dtype": ("auto", "fp32", "bf16", "fp16"), "schedule": ("vp", "flow")}
     RANGES = {"num_modes": ">=1", "radius": ">0", "std": ">0", "num_classes": ">=0", "flow_shift": ">0",
               "backbone_hidden": ">=1", "backbone_depth": ">=1"}
@@ -102,11 +102,12 @@ class DataConfig:
     num_workers: int = 0
     image_dir: str = ""  # a folder of real images (e.g. a GAN real branch); checked before training
     resolution: int = 0  # image side in pixels the student produces; 0: the teacher's default
+    num_frames: int = 0  # frames of a video teacher's clips (Wan: 4k+1); 0: the teacher's default
     bad_images: str = "refuse"  # refuse | skip: what unreadable or mis-sized files in image_dir do
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
     CHOICES = {"bad_images": ("refuse", "skip")}
-    RANGES = {"num_workers": ">=0", "resolution": ">=0"}
+    RANGES = {"num_workers": ">=0", "resolution": ">=0", "num_frames": ">=0"}
 
 
 @dataclass

@@ -35,10 +35,14 @@ def reads_init_noise_sigma(pipe) -> bool:
         return True
 
 
-def export_scheduler(pipe, sampling):
-    """The student's scheduler for the teacher's pipeline and the pipeline kwargs of its own sampling."""
-    scheduler, kwargs = scheduler_for(sampling, pipe.scheduler.config, reads_init_noise_sigma(pipe))
+def export_scheduler(teacher, sampling):
+    """The student's scheduler for the teacher's pipeline and the pipeline kwargs of its own sampling (with what
+    the teacher's samples need beyond it: a video's frames and size)."""
+    pipe = teacher.pipe
+    takes_sigmas = "sigmas" in inspect.signature(type(pipe).__call__).parameters
+    scheduler, kwargs = scheduler_for(sampling, pipe.scheduler.config, reads_init_noise_sigma(pipe), takes_sigmas)
     kwargs["guidance_scale"] = sampling.guidance_scale
+    kwargs.update(teacher.pipeline_call_kwargs())
     return scheduler, kwargs
 
 
@@ -77,7 +81,7 @@ def write_lora_adapter(generator: Generator, teacher, folder: Path, objective: s
     if not adapter_state_dict(generator.backbone):
         raise ConfigError("export --lora adapter: this student has no LoRA (student.kind is not lora); leave out "
                           "--lora adapter")
-    scheduler, kwargs = export_scheduler(teacher.pipe, generator.recipe())
+    scheduler, kwargs = export_scheduler(teacher, generator.recipe())
     with atomic_directory(folder) as tmp:
         save_lora(teacher.pipe, teacher.backbone_name, generator.backbone, tmp)
         scheduler.save_pretrained(str(tmp / "scheduler"))
@@ -98,7 +102,7 @@ def write_diffusers_student(generator: Generator, teacher, folder: Path, objecti
     any), the recipe (stepdistill.json) and a model card; returns the recipe."""
     pipe, name = teacher.pipe, teacher.backbone_name
     sampling = generator.recipe()
-    scheduler, kwargs = export_scheduler(pipe, sampling)
+    scheduler, kwargs = export_scheduler(teacher, sampling)
 
     components = dict(pipe.components)
     components[name] = merged_backbone(generator.backbone)

@@ -10,7 +10,9 @@ exactly the student's timesteps, and what the pipeline's default call (50 steps,
     (x0-based Euler in sigma space is DDIM) on explicit `timesteps`.
   * flow schedules: `FlowMatchEulerDiscreteScheduler` without shift on explicit `sigmas = t / T`, with
     `stochastic_sampling` for renoise (x0 re-noised to the next sigma with fresh noise), deterministic Euler for
-    ode; a multistep flow (`any_num_steps`) keeps the student's shift and samples any number of steps. Pipelines
+    ode; a multistep flow (`any_num_steps`) keeps the student's shift and samples any number of steps. A pipeline
+    whose call takes no `sigmas` (WanPipeline) gets the shift under which `set_timesteps(k)` visits the student's
+    sigmas (1 step at sigma 1, or the teacher's own shifted Euler grid), or a clear refusal. Pipelines
     written for VP schedulers (SD, SDXL) scale their first noise by `scheduler.init_noise_sigma`, which that
     scheduler lacks: its config then records `init_noise_sigma = 1` (a flow's pure noise has unit variance), which
     diffusers serves as the attribute (warning that the key is not an argument of the scheduler).
@@ -29,12 +31,14 @@ from stepdistill.students.base import SamplingRecipe
 TIMESTEP_SCALING = 1.0e4
 
 
-def scheduler_for(recipe: SamplingRecipe, teacher_scheduler_config: dict, reads_init_noise_sigma: bool = False):
+def scheduler_for(recipe: SamplingRecipe, teacher_scheduler_config: dict, reads_init_noise_sigma: bool = False,
+                  takes_sigmas: bool = True):
     """(scheduler, pipeline kwargs) for a recipe; the teacher's scheduler config supplies the VP betas.
-    `reads_init_noise_sigma`: the pipeline scales its first noise by `scheduler.init_noise_sigma` (SD, SDXL)."""
+    `reads_init_noise_sigma`: the pipeline scales its first noise by `scheduler.init_noise_sigma` (SD, SDXL);
+    `takes_sigmas`: its call accepts explicit `sigmas` (SD3, Flux; not Wan)."""
     config = dict(teacher_scheduler_config)
     if recipe.schedule.kind == "flow":
-        scheduler, kwargs = flow_scheduler(config, recipe)
+        scheduler, kwargs = flow_scheduler(config, recipe, takes_sigmas)
         if reads_init_noise_sigma:
             scheduler.register_to_config(init_noise_sigma=1.0)
         return scheduler, kwargs
@@ -109,9 +113,10 @@ def vp_ode_scheduler(config: dict, timesteps: list[float], prediction_type: str)
     return scheduler, {"timesteps": ints}
 
 
-def flow_scheduler(config: dict, recipe: SamplingRecipe):
+def flow_scheduler(config: dict, recipe: SamplingRecipe, takes_sigmas: bool = True):
     """FlowMatchEulerDiscreteScheduler: explicit sigmas = t / T (no shift) for fixed timesteps (the default call:
-    50 Euler steps of the unshifted flow); the student's own shift and any number of steps for a multistep flow."""
+    50 Euler steps of the unshifted flow); the student's own shift and any number of steps for a multistep flow;
+    for a pipeline without a `sigmas` argument, a shift whose own k-step grid is the student's timesteps."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if recipe.prediction_type != "flow":
@@ -123,5 +128,16 @@ def flow_scheduler(config: dict, recipe: SamplingRecipe):
     if recipe.any_num_steps:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=recipe.schedule.shift, stochastic_sampling=False, **common)
         return scheduler, {"num_inference_steps": recipe.num_steps}
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=recipe.sampler == "renoise", **common)
-    return scheduler, {"sigmas": [float(t) / num_train for t in recipe.timesteps]}
+    sigmas = [float(t) / num_train for t in recipe.timesteps]
+    stochastic = recipe.sampler == "renoise"
+    if takes_sigmas:
+        return FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=stochastic, **common), {"sigmas": sigmas}
+    for shift in dict.fromkeys((1.0, recipe.schedule.shift, float(config.get("shift", 1.0)))):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=stochastic, **common)
+        scheduler.set_timesteps(len(sigmas))
+        if all(abs(a - b) < 1e-5 for a, b in zip(scheduler.sigmas[:-1].tolist(), sigmas)):
+            return scheduler, {"num_inference_steps": len(sigmas)}
+    grid = [round(t, 3) for t in recipe.schedule.inference_timesteps(len(sigmas))]
+    raise ValueError(f"the pipeline's call takes no `sigmas`, and no FlowMatchEulerDiscreteScheduler visits the "
+                     f"student's timesteps {list(recipe.timesteps)} from num_inference_steps={len(sigmas)}: train the "
+                     f"student on timesteps the scheduler's own grid has, e.g. student.timesteps={grid}")

@@ -32,14 +32,14 @@ def build_objective(cfg, device: torch.device | str = "cpu", teacher=None, promp
     from stepdistill.data import DEFAULT_PROMPTS, ConditionSource, read_prompts
     from stepdistill.students import build_backbone
     from stepdistill.teachers import load_teacher
+    from stepdistill.teachers.base import apply_data_shape
 
     cls = objective_class(cfg.objective.name)
     if prompts is None and cfg.data.prompts_file:
         prompts = read_prompts(cfg.data.prompts_file)
     if teacher is None:
         teacher = load_teacher(cfg.teacher, device)
-        if cfg.data.resolution:
-            teacher.set_resolution(cfg.data.resolution)
+        apply_data_shape(teacher, cfg.data)
     if prompts is None and teacher.needs_prompts:
         prompts = DEFAULT_PROMPTS
     source = ConditionSource(teacher, prompts)

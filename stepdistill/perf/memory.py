@@ -246,6 +246,7 @@ def build_meta_objective(cfg: Config, model: str | None = None, text_encoders: s
     the meta device: shapes and dtypes of everything, no memory. teacher.dtype=auto is bf16 on a GPU, fp32 on the
     CPU (`device_type`), as the loader; `text_encoders` as perf.arch.build_real_pipeline."""
     from stepdistill.perf.arch import KIND_DEFAULT, MODELS, build_teacher
+    from stepdistill.teachers.base import apply_data_shape
 
     model = model or model_of(cfg)
     if model is None:
@@ -256,8 +257,7 @@ def build_meta_objective(cfg: Config, model: str | None = None, text_encoders: s
     meta_cfg = with_overrides(cfg, objective_class(cfg.objective.name).plan_hints(cfg).meta_overrides)
     with torch.device("meta"):
         teacher = build_teacher(model, "meta", teacher_dtype, text_encoders)
-        if cfg.data.resolution:  # build_objective applies it only to a teacher it loads itself
-            teacher.set_resolution(cfg.data.resolution)
+        apply_data_shape(teacher, cfg.data)  # build_objective applies it only to a teacher it loads itself
         return build_objective(meta_cfg, "meta", teacher=teacher, prompts=["a"])
 
 

@@ -1,5 +1,5 @@
-"""Teachers behind one adapter: the analytic GMM teacher, diffusers pipelines (SD1.x/2.x, SDXL, PixArt, SD3, Flux)
-and exported MLP students of ours (trained.py)."""
+"""Teachers behind one adapter: the analytic GMM teacher, diffusers pipelines (SD1.x/2.x, SDXL, PixArt, SD3, Flux,
+Wan text-to-video) and exported MLP students of ours (trained.py)."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +14,7 @@ def load_teacher(cfg, device: torch.device | str = "cpu") -> Teacher:
     if cfg.kind in ("gmm", "mlp"):
         if cfg.kind == "gmm" and cfg.path:
             raise ValueError("teacher.path is set but teacher.kind is gmm: set teacher.kind to "
-                             "sd/sdxl/pixart/sd3/flux/auto or mlp")
+                             "sd/sdxl/pixart/sd3/flux/wan/auto or mlp")
         mixture = GaussianMixture.ring(cfg.num_modes, cfg.radius, cfg.std, cfg.num_classes, cfg.own_weight)
         if cfg.kind == "mlp":
             from stepdistill.teachers.trained import TrainedMLPTeacher

@@ -97,6 +97,7 @@ class Teacher(ABC):
     # a guidance-distilled backbone (Flux-dev) takes its guidance scale as an input: the value every conditioning
     # carries by default, so students are trained at it and their exports pass it as the pipeline's guidance_scale
     embedded_guidance: float | None = None
+    makes_video: bool = False  # samples are clips: latents (C, F, H, W), decoded to [B, 3, F, H, W]
 
     @property
     def makes_images(self) -> bool:
@@ -111,6 +112,11 @@ class Teacher(ABC):
         """Produce `pixels` x `pixels` images (data.resolution)."""
         raise ValueError(f"data.resolution={pixels}: the {type(self).__name__} teacher does not make images; set "
                          "data.resolution=0")
+
+    def set_num_frames(self, num_frames: int) -> None:
+        """Produce clips of `num_frames` frames (data.num_frames)."""
+        raise ValueError(f"data.num_frames={num_frames}: the {type(self).__name__} teacher makes still images; set "
+                         "data.num_frames=0 or use a video teacher (teacher.kind=wan)")
 
     def share_backbone(self, net: nn.Module) -> None:
         """Denoise with `net` (a LoRA network's base view) instead of the teacher's own backbone, which is dropped:
@@ -184,3 +190,11 @@ class Teacher(ABC):
             t_prev = torch.full_like(t_vec, timesteps[i + 1]) if i + 1 < len(timesteps) else None
             x = self.schedule.ddim_step(pred.x0, pred.eps, t_prev)
             yield x
+
+
+def apply_data_shape(teacher: Teacher, data) -> None:
+    """The sample size a DataConfig asks of the teacher (data.resolution, data.num_frames; 0 keeps its default)."""
+    if data.resolution:
+        teacher.set_resolution(data.resolution)
+    if data.num_frames:
+        teacher.set_num_frames(data.num_frames)

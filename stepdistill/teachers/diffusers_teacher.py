@@ -36,7 +36,7 @@ class DiffusersTeacher(Teacher):
             if isinstance(component, nn.Module):
                 component.requires_grad_(False).eval()
         self.backbone: nn.Module = getattr(pipe, self.backbone_name)
-        self.resolution_multiple = pipe.vae_scale_factor * self._patch_size()
+        self.resolution_multiple = self.vae_scale() * self._patch_size()
         self.sample_shape = self._default_sample_shape()
         self.schedule = self._schedule()
         self._cache: dict[str, dict[str, Tensor]] = {}  # per prompt string, batch of 1, on CPU
@@ -52,6 +52,15 @@ class DiffusersTeacher(Teacher):
         """The noise schedule of the pipeline's scheduler."""
         return NoiseSchedule.from_scheduler_config(self.pipe.scheduler.config)
 
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel along a side (a video VAE's spatial factor)."""
+        return self.pipe.vae_scale_factor
+
+    def pipeline_call_kwargs(self) -> dict:
+        """What the pipeline's call needs beyond the sampling recipe to produce this teacher's samples (a video
+        pipeline's frame count and size, whose call defaults are the full-size model's)."""
+        return {}
+
     def _patch_size(self) -> int:
         """Latent pixels per backbone token side: the patch size of DiT/MMDiT transformers, 1 for UNets (which
         take any latent size)."""
@@ -63,8 +72,8 @@ class DiffusersTeacher(Teacher):
             fit = max(self.resolution_multiple, round(pixels / self.resolution_multiple) * self.resolution_multiple)
             raise ValueError(f"data.resolution={pixels} is not a multiple of {self.resolution_multiple}, which the "
                              f"teacher's VAE and backbone need: use e.g. data.resolution={fit}")
-        side = pixels // self.pipe.vae_scale_factor
-        self.sample_shape = (self.sample_shape[0], side, side)
+        side = pixels // self.vae_scale()
+        self.sample_shape = (*self.sample_shape[:-2], side, side)
 
     # ------------------------------------------------------------------ conditioning
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -266,9 +275,11 @@ def detect_kind(pipe) -> str:
         return "sd3"
     if name == "FluxTransformer2DModel":
         return "flux"
+    if name == "WanTransformer3DModel":
+        return "wan"
     raise ValueError(f"{type(pipe).__name__} is not a supported teacher: stepdistill handles SD1.x/2.x and SDXL "
-                     "(UNet2DConditionModel), PixArt (PixArtTransformer2DModel), SD3 (SD3Transformer2DModel) and "
-                     "Flux.1 (FluxTransformer2DModel)")
+                     "(UNet2DConditionModel), PixArt (PixArtTransformer2DModel), SD3 (SD3Transformer2DModel), "
+                     "Flux.1 (FluxTransformer2DModel) and Wan text-to-video (WanTransformer3DModel)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -1,5 +1,5 @@
 """Which adapter a diffusers pipeline gets, and a teacher loaded from a TeacherConfig: the one module that knows
-every diffusers teacher kind (flux.py builds on diffusers_teacher.py, so the dispatch lives above both)."""
+every diffusers teacher kind (flux.py and wan.py build on diffusers_teacher.py, so the dispatch lives above both)."""
 from __future__ import annotations
 
 import torch
@@ -12,15 +12,18 @@ from stepdistill.teachers.diffusers_teacher import (
     resolve_dtype,
 )
 from stepdistill.teachers.flux import FluxTeacher
+from stepdistill.teachers.wan import WanTeacher
+
+OWN_MODULE = {"flux": FluxTeacher, "wan": WanTeacher}  # adapters built on DiffusersTeacher in modules of their own
 
 
 def teacher_class(kind: str) -> type[DiffusersTeacher]:
     """The adapter of a pipeline kind (detect_kind)."""
-    return FluxTeacher if kind == "flux" else TEACHERS[kind]
+    return OWN_MODULE.get(kind) or TEACHERS[kind]
 
 
 def load_diffusers_teacher(cfg, device: torch.device | str = "cpu") -> DiffusersTeacher:
-    """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|flux|auto) describes, loaded onto `device`."""
+    """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|flux|wan|auto) describes, loaded onto `device`."""
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg.path, cfg.local_files_only, cfg.revision, cfg.variant, dtype, cfg.trust_remote_code)

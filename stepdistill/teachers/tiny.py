@@ -1,7 +1,7 @@
-"""Tiny SD1.x, SDXL, PixArt, SD3-style and Flux diffusers pipelines built from small configs, fully offline.
+"""Tiny SD1.x, SDXL, PixArt, SD3-style, Flux and Wan diffusers pipelines built from small configs, fully offline.
 
 They have the real architectures (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel,
-FluxTransformer2DModel, AutoencoderKL, CLIP / T5 text encoders) with a handful of channels, 8x8 latents and tokenizers built locally,
+FluxTransformer2DModel, WanTransformer3DModel, AutoencoderKL(Wan), CLIP / T5 / UMT5 text encoders) with a handful of channels, 8x8 latents and tokenizers built locally,
 so tests exercise the real code paths in seconds and `save_pretrained` / `from_pretrained` round-trip.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd", "sdxl", "pixart", "sd3", "flux")
+TINY_KINDS = ("sd", "sdxl", "pixart", "sd3", "flux")  # image pipelines
+TINY_VIDEO_KINDS = ("wan",)
 LATENT_SIZE = 8  # latents are 4 x 8 x 8; the tiny VAE downsamples by 2, so images are 16 x 16
 CLIP_MAX_LENGTH = 77
 
@@ -83,9 +84,10 @@ def _unet(cross_attention_dim: int, **overrides):
 
 
 def build_tiny_pipeline(kind: str, seed: int = 0):
-    """A randomly initialized tiny pipeline of `kind` (sd | sdxl | pixart | sd3 | flux), deterministic in `seed`."""
-    if kind not in TINY_KINDS:
-        raise ValueError(f"tiny pipeline kind {kind!r} is not one of {TINY_KINDS}")
+    """A randomly initialized tiny pipeline of `kind` (sd | sdxl | pixart | sd3 | flux | wan), deterministic in
+    `seed`."""
+    if kind not in _BUILDERS:
+        raise ValueError(f"tiny pipeline kind {kind!r} is not one of {TINY_KINDS + TINY_VIDEO_KINDS}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return _BUILDERS[kind]()
@@ -173,7 +175,29 @@ def _build_flux():
     )
 
 
-_BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux}
+def _build_wan():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    # diffusers' own Wan test configs: a 3-channel VAE base (8x in space, 4x in time after the first frame, 16
+    # latent channels), a 2-layer transformer on (1, 2, 2) patches, text_dim = the UMT5 width
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_heads=4,
+                                               num_layers=2, relative_attention_num_buckets=8, pad_token_id=0,
+                                               eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+
+
+_BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux,
+             "wan": _build_wan}
 
 
 def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0) -> Path:
