@@ -176,7 +176,12 @@ def _build_flux():
 
 
 def _build_wan():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     # diffusers' own Wan test configs: a 3-channel VAE base (8x in space, 4x in time after the first frame, 16
