@@ -155,3 +155,23 @@ def test_sample_writes_each_clip_as_gif_mp4_and_a_frame_strip(teacher, tmp_path)
 
     video = iio.imread(tmp_path / "samples" / "00-a-digit-seven-moving-left-seed0.mp4")
     assert video.shape[0] == FRAMES and video.shape[1:3] == (PIXELS, PIXELS)
+
+
+def test_the_planner_counts_frames_and_knows_the_published_wan_architecture():
+    """The meta-device trace takes the clip's latent frames: more frames, more activation memory, the same weights;
+    the published Wan 2.1 T2V-1.3B architecture builds on the meta device with its parameter counts."""
+    from stepdistill.perf.arch import build_teacher, model_for
+    from stepdistill.perf.memory import build_meta_objective, estimate
+
+    def planned(frames: int):
+        cfg = load_config(None, ["teacher.kind=wan", "objective.name=dmd2", "student.timesteps=[1000.0]",
+                                 "data.resolution=128", f"data.num_frames={frames}", "train.batch_size=1"])
+        return estimate(build_meta_objective(cfg, "tiny-wan"), 1)
+
+    short, long = planned(5), planned(17)
+    assert long.weights == short.weights and long.activations > 1.5 * short.activations
+    assert model_for("wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers") == "wan21-t2v-1.3b"
+    real = build_teacher("wan21-t2v-1.3b", "meta", torch.bfloat16)
+    assert sum(p.numel() for p in real.backbone.parameters()) == 1_418_996_800  # 1.3B: dim 1536, 30 layers
+    assert sum(p.numel() for p in real.pipe.text_encoder.parameters()) == 5_680_910_336  # UMT5-XXL encoder
+    assert real.sample_shape == (16, 21, 60, 104) and real.schedule.shift == 3.0  # 81 frames at 480 x 832

@@ -1,5 +1,5 @@
 """Teachers at real scale with random weights: SD1.5, SD2.1 (768-v and 512-base), SDXL, PixArt-alpha (1024 and 512),
-SD3-medium and Flux.1 pipelines built from their published architecture configs (`assets/arch/*.json`, each naming
+SD3-medium, Flux.1 and Wan 2.1 T2V-1.3B pipelines built from their published architecture configs (`assets/arch/*.json`, each naming
 the hub files it copies and the hub ids it describes), no download. Speed and memory do not depend on weight values.
 
 Build on `torch.device("meta")` for shapes and bytes without memory (the planner). At real size on CPU the text
@@ -17,12 +17,14 @@ import torch
 
 from stepdistill.teachers.diffusers_teacher import DiffusersTeacher
 from stepdistill.teachers.loading import detect_kind, teacher_class
-from stepdistill.teachers.tiny import TINY_KINDS
+from stepdistill.teachers.tiny import TINY_KINDS, TINY_VIDEO_KINDS
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "assets" / "arch"
-REAL_MODELS = ("sd15", "sd21", "sd21-base", "sdxl", "pixart", "pixart-512", "sd3", "flux", "flux-schnell")
-KIND_DEFAULT = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3", "flux": "flux"}  # teacher.kind
-MODELS = tuple(f"tiny-{k}" for k in TINY_KINDS) + REAL_MODELS
+REAL_MODELS = ("sd15", "sd21", "sd21-base", "sdxl", "pixart", "pixart-512", "sd3", "flux", "flux-schnell",
+               "wan21-t2v-1.3b")
+KIND_DEFAULT = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3", "flux": "flux",  # teacher.kind
+                "wan": "wan21-t2v-1.3b"}
+MODELS = tuple(f"tiny-{k}" for k in TINY_KINDS + TINY_VIDEO_KINDS) + REAL_MODELS
 TEXT_ENCODERS = ("full", "reduced")
 
 
@@ -51,15 +53,16 @@ def _tokenizer(kind: str):
 
 
 def _text_encoder(spec: dict, tokenizer, reduced: bool):
-    """A CLIP or T5 text encoder of `spec` (a published config); `reduced` keeps the output widths only."""
+    """A CLIP, T5 or UMT5 text encoder of `spec` (a published config); `reduced` keeps the output widths only."""
     import transformers
 
     spec = dict(spec)
     cls = getattr(transformers, spec.pop("_class_name"))
-    if cls is transformers.T5EncoderModel:
+    if cls in (transformers.T5EncoderModel, transformers.UMT5EncoderModel):
         if reduced:
             spec.update(num_layers=1, d_ff=64, d_kv=8, num_heads=8, vocab_size=len(tokenizer))
-        return cls(transformers.T5Config(**spec, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        config = transformers.UMT5Config if cls is transformers.UMT5EncoderModel else transformers.T5Config
+        return cls(config(**spec, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     if reduced:
         spec.update(num_hidden_layers=1, intermediate_size=64, vocab_size=len(tokenizer))
     return cls(transformers.CLIPTextConfig(**spec, bos_token_id=tokenizer.bos_token_id,
@@ -94,7 +97,7 @@ def build_teacher(model: str, device: torch.device | str, dtype: torch.dtype,
     """The teacher of `model` (one of MODELS) on `device`, backbone and text encoders in `dtype`, VAE in fp32 (as
     `load_pipeline`). Real sizes are initialized directly on `device` (fast on a GPU, free on meta)."""
     device = torch.device(device)
-    if model.startswith("tiny-") and model.removeprefix("tiny-") in TINY_KINDS:
+    if model.startswith("tiny-") and model.removeprefix("tiny-") in TINY_KINDS + TINY_VIDEO_KINDS:
         from stepdistill.teachers.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(model.removeprefix("tiny-"))
