@@ -68,8 +68,9 @@ class Critic(nn.Module):
         self.head = self._build_head() if with_head else None
 
     def _capture(self, module: nn.Module, inputs: tuple, output) -> None:
+        # joint-attention blocks (SD3, Flux) return (text tokens, image tokens): the head reads the image tokens
         if self._recording:
-            self._features.append(output[0] if isinstance(output, tuple) else output)
+            self._features.append(output[-1] if isinstance(output, tuple) else output)
 
     def _run(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """(raw fake-score output, bottleneck features)."""
