@@ -11,12 +11,13 @@ from stepdistill.objectives.registry import REGISTRY, build_objective, objective
 from stepdistill.objectives.regression import Regression
 from stepdistill.objectives.score_distillation.dmd2 import DMD2
 from stepdistill.objectives.score_distillation.fdistill import FDistill
+from stepdistill.objectives.score_distillation.ladd import LADD
 from stepdistill.objectives.score_distillation.sid import SiD
 from stepdistill.objectives.score_distillation.vsd import VSD
 from stepdistill.objectives.score_matching import ScoreMatching
 
 for _cls in (Regression, DMD2, Consistency, Boot, VSD, SiD, ScoreMatching, Reflow, FlowGuided, SCD, MeanFlow, RCM,
-             FDistill):
+             FDistill, LADD):
     register(_cls)
 
 __all__ = ["REGISTRY", "Objective", "ObjectiveConfig", "OptimizerGroup", "PlanHints", "build_objective",

@@ -53,6 +53,14 @@ class TokenMean(nn.Module):
         return x.mean(dim=1)
 
 
+def probe_fields(teacher: Teacher, device: torch.device) -> dict[str, Tensor]:
+    """Conditioning of one probe sample: the teacher's encoding of its probe condition, or on the meta device
+    (the memory planner's trace, where no text encoder runs) fields of the same shapes."""
+    if device.type == "meta":
+        return teacher.fields_like(1, device)
+    return teacher.encode(teacher.probe_condition()).to(device).fields
+
+
 class Critic(nn.Module):
     """The fake score and (optionally) the GAN head on its bottleneck. One module, so one optimizer trains both and
     the head's gradient reaches the fake-score backbone (DMD2 §4.3). `teacher` calls the fake score (a backbone of
@@ -94,8 +102,7 @@ class Critic(nn.Module):
         teacher = self._teacher[0]
         device = next(self.fake_score.parameters()).device
         x = torch.zeros((1, *teacher.sample_shape), device=device)
-        fields = teacher.encode(teacher.probe_condition()).to(device).fields
-        _, features = self._run(x, torch.full((1,), 500.0, device=device), fields)
+        _, features = self._run(x, torch.full((1,), 500.0, device=device), probe_fields(teacher, device))
         return classifier_head(tuple(features.shape[1:])).to(device)
 
     def forward(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor], classify: bool = False,

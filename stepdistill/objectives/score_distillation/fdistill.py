@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from stepdistill.config.schema import ConfigError
-from stepdistill.objectives.score_distillation.critic import frozen
+from stepdistill.objectives.base import PlanHints
+from stepdistill.objectives.score_distillation.critic import frozen, shared_base_rungs
 from stepdistill.objectives.score_distillation.dmd2 import DMD2, DMD2Config
 from stepdistill.objectives.score_distillation.gradients import distribution_matching_gradient, surrogate_loss
 from stepdistill.teachers.base import Cond
@@ -73,6 +74,10 @@ class FDistill(DMD2):
         super().__init__(teacher, generator, source, config, data)
         # running mean of r per timestep bin (a buffer of the critic: checkpointed and moved with it)
         self.critic.register_buffer("ratio_means", torch.ones(config.ratio_bins))
+
+    @classmethod
+    def plan_hints(cls, cfg) -> PlanHints:
+        return PlanHints(rungs=shared_base_rungs(cfg))  # the GAN head stays: f-distill cannot run without it
 
     def timestep_bins(self, t: Tensor) -> Tensor:
         T = float(self.teacher.schedule.num_train_timesteps)
