@@ -175,3 +175,93 @@ def test_the_planner_counts_frames_and_knows_the_published_wan_architecture():
     assert sum(p.numel() for p in real.backbone.parameters()) == 1_418_996_800  # 1.3B: dim 1536, 30 layers
     assert sum(p.numel() for p in real.pipe.text_encoder.parameters()) == 5_680_910_336  # UMT5-XXL encoder
     assert real.sample_shape == (16, 21, 60, 104) and real.schedule.shift == 3.0  # 81 frames at 480 x 832
+
+
+# ---------------------------------------------------------------------------------------------- image-to-video
+def _frames_folder(folder, n: int = 3, captions: bool = True):
+    """First frames at the clip's size, PNGs captioned by their prompts (metadata.jsonl)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        pixels = (torch.rand(PIXELS, PIXELS, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"{PROMPT} {i}"}))
+    if captions:
+        (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def i2v_teacher():
+    from stepdistill.teachers.wan import WanI2VTeacher
+
+    teacher = WanI2VTeacher(build_tiny_pipeline("wan_i2v"))
+    teacher.set_resolution(PIXELS)
+    teacher.set_num_frames(FRAMES)
+    return teacher
+
+
+def test_i2v_teacher_sampler_matches_the_image_to_video_pipeline(i2v_teacher, tmp_path):
+    """The first frame's 20 condition channels (mask + VAE latents of the frame and black frames) and its CLIP
+    tokens as WanImageToVideoPipeline builds them; guidance drops only the prompt."""
+    from PIL import Image
+
+    from stepdistill.data.images import ImageFolderDataset
+
+    frames = ImageFolderDataset(_frames_folder(tmp_path / "frames"), PIXELS)
+    image = (frames[0]["image"][None] + 1) / 2
+    cond = i2v_teacher.encode([PROMPT]).with_shared(i2v_teacher.image_fields(image))
+    assert cond.fields["condition"].shape == (1, 20, 2, 4, 4) and cond.fields["condition"][:, :4, 0].eq(1).all()
+    assert torch.equal(cond.null["condition"], cond.fields["condition"])
+    noise = torch.randn(1, *i2v_teacher.sample_shape)
+    ours = i2v_teacher.sample(noise, cond, num_steps=3, guidance=4.0)
+    theirs = i2v_teacher.pipe(image=Image.open(frames.files[0]), prompt=PROMPT, latents=noise.clone(),
+                              num_inference_steps=3, guidance_scale=4.0, height=PIXELS, width=PIXELS,
+                              num_frames=FRAMES, output_type="latent").frames
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_an_image_conditioned_teacher_needs_captioned_frames(folder_i2v, tmp_path):
+    base = ["teacher.kind=wan_i2v", f"teacher.path={folder_i2v}", "objective.name=regression",
+            "student.timesteps=[1000.0]", f"data.resolution={PIXELS}", f"data.num_frames={FRAMES}"]
+    from stepdistill.objectives import build_objective
+
+    with pytest.raises(ValueError, match="conditioned on an image as well as a prompt: set data.image_dir"):
+        build_objective(load_config(None, base))
+    uncaptioned = _frames_folder(tmp_path / "bare", captions=False)
+    with pytest.raises(ValueError, match="has no metadata.jsonl"):
+        build_objective(load_config(None, [*base, f"data.image_dir={uncaptioned}"]))
+
+
+@pytest.fixture(scope="module")
+def folder_i2v(tmp_path_factory):
+    return save_tiny_pipeline("wan_i2v", tmp_path_factory.mktemp("tiny") / "wan_i2v")
+
+
+@pytest.mark.parametrize("objective", [REGRESSION, DMD2], ids=["regression", "dmd2"])
+def test_i2v_students_train_resume_export_and_reload(folder_i2v, tmp_path, objective):
+    from PIL import Image
+
+    from diffusers import WanImageToVideoPipeline
+
+    frames = _frames_folder(tmp_path / "frames")
+    out = tmp_path / "run"
+    extra = ["teacher.kind=wan_i2v", f"data.image_dir={frames}"]
+    Trainer(load_config(None, _overrides(folder_i2v, out, 2, objective, extra))).train()
+    trainer = Trainer(load_config(None, _overrides(folder_i2v, out, 3, objective, [*extra, "train.resume=latest"])))
+    result = trainer.train()
+    assert result.step == 3
+    generator = trainer.generator_for_inference()
+    source = trainer.objective.source
+    assert source.prompts == [f"{PROMPT} {i}" for i in range(3)]
+    pipe = DiffusionPipeline.from_pretrained(str(result.final_dir))
+    recipe = json.loads((result.final_dir / RECIPE_FILE).read_text())
+    assert type(pipe) is WanImageToVideoPipeline and recipe["pipeline_kwargs"]["num_frames"] == FRAMES
+    noise = torch.randn(1, *generator.teacher.sample_shape)
+    latents = pipe(image=Image.open(frames / "1.png"), prompt=source.prompts[1], latents=noise.clone(),
+                   output_type="latent", **recipe["pipeline_kwargs"]).frames
+    expected = generator.sample(noise, source.encode(torch.tensor([1])))
+    torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)

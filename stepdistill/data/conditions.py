@@ -29,9 +29,21 @@ class ConditionSource:
     `train_indices` are the conditions a run samples: all of them, or one part of a partition (`restrict`); every
     index stays encodable, so caches of teacher outputs over all conditions are unaffected."""
 
-    def __init__(self, teacher: Teacher, prompts: Sequence[str] | None = None) -> None:
+    def __init__(self, teacher: Teacher, prompts: Sequence[str] | None = None, images=None) -> None:
         self.teacher = teacher
         self.num_classes = int(teacher.num_classes)
+        self.images = images  # conditioning images, one per prompt (ImageFolderDataset): image-conditioned teachers
+        self._image_fields: dict[int, dict[str, Tensor]] = {}  # per condition index, batch of 1, on CPU
+        if teacher.image_conditioned:
+            if images is None:
+                raise ValueError(f"the {type(teacher).__name__} teacher is conditioned on an image as well as a "
+                                 "prompt: set data.image_dir to a folder of images with their captions in "
+                                 "metadata.jsonl (each image and its caption is one condition)")
+            if images.captions is None:
+                raise ValueError(f"data.image_dir {images.root} has no metadata.jsonl: an image-conditioned "
+                                 "teacher takes each image with its caption ({\"file_name\": ..., \"text\": ...} "
+                                 "per line)")
+            prompts = images.captions
         self.prompts = prompts if prompts is None or isinstance(prompts, PromptFile) else list(prompts)
         if self.prompts is not None and not len(self.prompts):
             raise ValueError("the prompt list is empty: give a prompts file with one prompt per line")
@@ -43,9 +55,21 @@ class ConditionSource:
         return max(self.num_classes, 1)
 
     def encode(self, index: Tensor) -> Cond:
+        if self.images is not None:
+            cond = self.teacher.encode([self.prompts[int(i)] for i in index])
+            return cond.with_shared(self._images_encoded([int(i) for i in index], cond))
         if self.prompts is not None:
             return self.teacher.encode([self.prompts[int(i)] for i in index])
         return self.teacher.encode(index.cpu() if self.num_classes else torch.zeros_like(index.cpu()))
+
+    def _images_encoded(self, index: list[int], cond: Cond) -> dict[str, Tensor]:
+        """The teacher's image fields of conditions `index`, each computed once (alone: no dependence on the batch
+        it was first met in) and kept on the CPU."""
+        for i in dict.fromkeys(i for i in index if i not in self._image_fields):
+            image = (self.images[i]["image"][None] + 1) / 2  # [1, 3, H, W] in [0, 1]
+            self._image_fields[i] = {k: v.cpu() for k, v in self.teacher.image_fields(image).items()}
+        device = next(iter(cond.fields.values())).device
+        return {k: torch.cat([self._image_fields[i][k] for i in index]).to(device) for k in self._image_fields[index[0]]}
 
     def conditions(self) -> list[str] | Tensor:
         """Every condition as the teacher encodes it: the prompts, or the class labels."""
@@ -65,6 +89,8 @@ class ConditionSource:
         if self.prompts is None:
             return [len(self)]
         digest = self.prompts.digest if isinstance(self.prompts, PromptFile) else prompts_digest(self.prompts)
+        if self.images is not None:
+            return [digest, len(self.prompts), prompts_digest(self.images.keys)]
         return [digest, len(self.prompts)]
 
 

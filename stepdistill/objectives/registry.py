@@ -42,6 +42,11 @@ def build_objective(cfg, device: torch.device | str = "cpu", teacher=None, promp
         apply_data_shape(teacher, cfg.data)
     if prompts is None and teacher.needs_prompts:
         prompts = DEFAULT_PROMPTS
-    source = ConditionSource(teacher, prompts)
+    images = None
+    if teacher.image_conditioned and cfg.data.image_dir:  # conditions are images with their captions
+        from stepdistill.data.images import ImageFolderDataset
+
+        images = ImageFolderDataset(cfg.data.image_dir, teacher.pixel_size, cfg.data.bad_images)
+    source = ConditionSource(teacher, prompts, images)
     generator = cls.build_generator(teacher, build_backbone(teacher, cfg.student), cfg.student, cfg.objective)
     return cls(teacher, generator, source, cfg.objective, cfg.data)

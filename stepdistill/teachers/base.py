@@ -61,6 +61,11 @@ class Cond:
             return self
         return self.dropped(torch.rand(self.batch_size, device=next(iter(self.fields.values())).device) < p)
 
+    def with_shared(self, extra: dict[str, Tensor]) -> Cond:
+        """This conditioning with `extra` fields in both branches: conditions that guidance does not drop (an
+        image-to-video teacher's first frame)."""
+        return Cond({**self.fields, **extra}, {**self.null, **extra}, self.batch_size)
+
     def with_null(self) -> dict[str, Tensor]:
         """[null; fields] concatenated along the batch: the inputs of one guided forward pass."""
         return _cat_fields([self.null, self.fields]) if self.fields else {}
@@ -98,6 +103,7 @@ class Teacher(ABC):
     # carries by default, so students are trained at it and their exports pass it as the pipeline's guidance_scale
     embedded_guidance: float | None = None
     makes_video: bool = False  # samples are clips: latents (C, F, H, W), decoded to [B, 3, F, H, W]
+    image_conditioned: bool = False  # each condition is a prompt with an image (image-to-video: the first frame)
 
     @property
     def makes_images(self) -> bool:
@@ -112,6 +118,10 @@ class Teacher(ABC):
         """Produce `pixels` x `pixels` images (data.resolution)."""
         raise ValueError(f"data.resolution={pixels}: the {type(self).__name__} teacher does not make images; set "
                          "data.resolution=0")
+
+    def image_fields(self, images: Tensor) -> dict[str, Tensor]:
+        """Backbone keyword tensors of conditioning images [B, 3, H, W] in [0, 1] (image-conditioned teachers)."""
+        raise ValueError(f"the {type(self).__name__} teacher is not conditioned on images")
 
     def set_num_frames(self, num_frames: int) -> None:
         """Produce clips of `num_frames` frames (data.num_frames)."""

@@ -56,6 +56,11 @@ class DiffusersTeacher(Teacher):
         """Image pixels per latent pixel along a side (a video VAE's spatial factor)."""
         return self.pipe.vae_scale_factor
 
+    @property
+    def pixel_size(self) -> int:
+        """The side in pixels of the teacher's (square) samples."""
+        return self.sample_shape[-1] * self.vae_scale()
+
     def pipeline_call_kwargs(self) -> dict:
         """What the pipeline's call needs beyond the sampling recipe to produce this teacher's samples (a video
         pipeline's frame count and size, whose call defaults are the full-size model's)."""
@@ -276,10 +281,10 @@ def detect_kind(pipe) -> str:
     if name == "FluxTransformer2DModel":
         return "flux"
     if name == "WanTransformer3DModel":
-        return "wan"
+        return "wan_i2v" if type(pipe).__name__ == "WanImageToVideoPipeline" else "wan"
     raise ValueError(f"{type(pipe).__name__} is not a supported teacher: stepdistill handles SD1.x/2.x and SDXL "
                      "(UNet2DConditionModel), PixArt (PixArtTransformer2DModel), SD3 (SD3Transformer2DModel), "
-                     "Flux.1 (FluxTransformer2DModel) and Wan text-to-video (WanTransformer3DModel)")
+                     "Flux.1 (FluxTransformer2DModel) and Wan 2.1 text- and image-to-video (WanTransformer3DModel)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

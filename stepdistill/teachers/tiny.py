@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 TINY_KINDS = ("sd", "sdxl", "pixart", "sd3", "flux")  # image pipelines
-TINY_VIDEO_KINDS = ("wan",)
+TINY_VIDEO_KINDS = ("wan", "wan_i2v")
 LATENT_SIZE = 8  # latents are 4 x 8 x 8; the tiny VAE downsamples by 2, so images are 16 x 16
 CLIP_MAX_LENGTH = 77
 
@@ -201,8 +201,24 @@ def _build_wan():
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
+def _build_wan_i2v():
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    t2v = _build_wan()
+    # diffusers' own I2V test: 16 latent + 20 condition input channels, image tokens of a tiny CLIP vision tower
+    transformer = WanTransformer3DModel(**{**t2v.transformer.config, "in_channels": 36, "image_dim": 4})
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        intermediate_size=16, patch_size=1))
+    return WanImageToVideoPipeline(
+        tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae, scheduler=t2v.scheduler,
+        transformer=transformer, image_encoder=image_encoder,
+        image_processor=CLIPImageProcessor(crop_size=32, size=32))
+
+
 _BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux,
-             "wan": _build_wan}
+             "wan": _build_wan, "wan_i2v": _build_wan_i2v}
 
 
 def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0) -> Path:

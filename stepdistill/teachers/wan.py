@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video teachers: WanTransformer3DModel behind the Teacher adapter.
+"""Wan 2.1 text-to-video and image-to-video teachers: WanTransformer3DModel behind the Teacher adapter.
 
 Latents are video clips (B, C, F, H, W): C = 16 channels of AutoencoderKLWan, F = (frames - 1) / 4 + 1 latent
 frames (the VAE compresses time by 4, keeping the first frame alone), H, W = the picture's side / 8. Objectives are
@@ -86,3 +86,53 @@ class WanTeacher(DiffusersTeacher):
         std = torch.tensor(vae.config.latents_std, device=vae.device, dtype=vae.dtype).view(shape)
         z = latents.to(vae.device, vae.dtype) * std + mean
         return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+class WanI2VTeacher(WanTeacher):
+    """Wan 2.1 image-to-video (WanImageToVideoPipeline): the first frame conditions every call, as 20 channels
+    concatenated to the 16 of the noisy latents (a 4-channel mask, 1 on the first latent frame, and the VAE latents of
+    the first frame followed by black frames) and, with an image encoder, CLIP's penultimate hidden states as extra
+    tokens. Classifier-free guidance drops only the prompt: the image fields are the same in both branches."""
+
+    kind = "wan_i2v"
+    image_conditioned = True
+
+    def _default_sample_shape(self) -> tuple[int, int, int, int]:
+        channels = self.backbone.config.out_channels  # the input also holds the 20 condition channels
+        return (channels, *super()._default_sample_shape()[1:])
+
+    @torch.no_grad()
+    def image_fields(self, images: Tensor) -> dict[str, Tensor]:
+        """The first frames [B, 3, H, W] in [0, 1] as the pipeline conditions on them (`prepare_latents`,
+        `encode_image`): through PIL, so a frame read from an image file is what the pipeline sees."""
+        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+
+        from stepdistill.visualize import to_pil
+
+        pipe, vae = self.pipe, self.pipe.vae
+        frames = to_pil(images)
+        _, f, h, w = self.sample_shape
+        height, width = h * self.vae_scale(), w * self.vae_scale()
+        pixels = pipe.video_processor.preprocess(frames, height=height, width=width).to(vae.device, torch.float32)
+        video = torch.cat([pixels[:, :, None], pixels.new_zeros(len(frames), 3, self.num_frames - 1, height, width)], 2)
+        latent = retrieve_latents(vae.encode(video.to(vae.dtype)), sample_mode="argmax").float()
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=latent.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=latent.device).view(shape)
+        mask = torch.zeros(len(frames), 4, f, h, w, device=latent.device)
+        mask[:, :, 0] = 1  # the first latent frame holds the given frame (4 mask channels: 4 pixel frames each)
+        fields = {"condition": torch.cat([mask, (latent - mean) * (1.0 / std)], dim=1).to(self.device)}
+        if pipe.image_encoder is not None:
+            fields["encoder_hidden_states_image"] = pipe.encode_image(frames, self.device)
+        return fields
+
+    def fields_like(self, batch_size: int, device: torch.device | str) -> dict[str, Tensor]:
+        fields = super().fields_like(batch_size, device)
+        fields["condition"] = torch.randn(batch_size, 4 + self.pipe.vae.config.z_dim, *self.sample_shape[1:],
+                                          device=device)
+        return fields
+
+    def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:
+        return net(hidden_states=torch.cat([x_t, fields["condition"]], dim=1), timestep=t,
+                   encoder_hidden_states=fields["encoder_hidden_states"],
+                   encoder_hidden_states_image=fields.get("encoder_hidden_states_image"), return_dict=False)[0]
