@@ -243,9 +243,8 @@ def folder_i2v(tmp_path_factory):
 
 @pytest.mark.parametrize("objective", [REGRESSION, DMD2], ids=["regression", "dmd2"])
 def test_i2v_students_train_resume_export_and_reload(folder_i2v, tmp_path, objective):
-    from PIL import Image
-
     from diffusers import WanImageToVideoPipeline
+    from PIL import Image
 
     frames = _frames_folder(tmp_path / "frames")
     out = tmp_path / "run"
