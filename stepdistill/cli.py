@@ -93,6 +93,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--steps", type=COUNT, default=None, help="sampling steps (default: the export's recipe)")
     p.add_argument("--guidance", type=SCALE, default=None, help="guidance scale (default: the export's recipe)")
+    p.add_argument("--image", default=None, help="the first frame of an image-to-video pipeline (a picture file)")
     p = command("export", "write a checkpoint as a student folder (EMA or raw weights, LoRA merged or as adapter)")
     p.add_argument("checkpoint", help="a checkpoint-N folder, or a run folder (its newest intact checkpoint)")
     p.add_argument("--out", required=True, help="the folder to write")
@@ -207,7 +208,7 @@ def _sample(args: argparse.Namespace) -> dict:
     from stepdistill.sample import sample
 
     out = _out_folder(args.out, "--out")
-    return sample(args.export, args.prompts, args.num, args.seed, out, args.steps, args.guidance)
+    return sample(args.export, args.prompts, args.num, args.seed, out, args.steps, args.guidance, args.image)
 
 
 def _export(args: argparse.Namespace) -> dict:

@@ -30,7 +30,7 @@ def _slug(prompt: str) -> str:
 
 
 def sample(export: str | Path, prompts: list[str], num: int | None, seed: int, out: Path, steps: int | None = None,
-           guidance: float | None = None) -> dict:
+           guidance: float | None = None, image: str | Path | None = None) -> dict:
     folder = Path(export)
     if not folder.is_dir():
         raise ConfigError(f"sample: {folder} is not a folder: give an exported student (e.g. runs/NAME/final) or a "
@@ -39,7 +39,7 @@ def sample(export: str | Path, prompts: list[str], num: int | None, seed: int, o
 
     if (folder / STUDENT_JSON).is_file():  # an MLP student of the analytic teacher
         return sample_points(folder, prompts, num or POINTS, seed, out)
-    return sample_images(folder, prompts, num or IMAGES_PER_PROMPT, seed, out, steps, guidance)
+    return sample_images(folder, prompts, num or IMAGES_PER_PROMPT, seed, out, steps, guidance, image)
 
 
 def _pipeline_call(recipe: dict, steps: int | None, guidance: float | None) -> dict:
@@ -57,7 +57,7 @@ def _pipeline_call(recipe: dict, steps: int | None, guidance: float | None) -> d
 
 
 def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Path, steps: int | None,
-                  guidance: float | None) -> dict:
+                  guidance: float | None, image: str | Path | None = None) -> dict:
     import torch
 
     from stepdistill.export import RECIPE_FILE
@@ -69,6 +69,7 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
                           f"stepdistill sample {folder} \"a photo of a cat\"")
     recipe = json.loads((folder / RECIPE_FILE).read_text()) if (folder / RECIPE_FILE).is_file() else {}
     call = _pipeline_call(recipe, steps, guidance)  # refused arguments fail before the pipeline loads
+    first_frame = _conditioning_image(folder, recipe, image)
     if not recipe:
         check_pipeline_folder(folder, what="sample:")
     check_pipeline_weights(folder, "sample:")
@@ -85,7 +86,8 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
             for start in range(0, num, BATCH):
                 batch = seeds[start:start + BATCH]
                 generators = [torch.Generator().manual_seed(s) for s in batch]  # CPU noise: same images anywhere
-                result = pipe(prompt=[prompt] * len(batch), generator=generators, output_type="pil", **call)
+                result = pipe(prompt=[prompt] * len(batch), generator=generators, output_type="pil", **call,
+                              **first_frame)
                 clips = getattr(result, "frames", None)
                 images = []
                 for j, s in enumerate(batch):
@@ -104,9 +106,29 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
     grid = labelled_grid(rows, out / "grid.png", row_labels=prompts,
                          column_labels=[f"seed {s}" for s in seeds[:GRID_SEEDS]])
     record = {"export": str(folder), "prompts": prompts, "seeds": seeds, "call": call, "device": device,
+              **({"image": str(image)} if image else {}),
               "files": files, "grid": str(grid)}
     (out / "samples.json").write_text(json.dumps(record, indent=2))
     return {"out": str(out), "images": len(files), "grid": str(grid), "call": call}
+
+
+def _conditioning_image(folder: Path, recipe: dict, image: str | Path | None) -> dict:
+    """{"image": the picture} for an image-to-video pipeline, which needs one; refused for other pipelines."""
+    from PIL import Image
+
+    needs_image = "ImageToVideo" in str(recipe.get("pipeline_class", ""))
+    if image is None:
+        if needs_image:
+            raise ConfigError(f"sample: {folder} is an image-to-video pipeline: give its first frame, e.g. --image "
+                              "frame.png")
+        return {}
+    if recipe and not needs_image:
+        raise ConfigError(f"sample --image: {folder} is a {recipe.get('pipeline_class')}, which takes no image; "
+                          "leave out --image")
+    if not Path(image).is_file():
+        raise ConfigError(f"sample --image {image}: no such file")
+    with Image.open(image) as picture:
+        return {"image": picture.convert("RGB")}
 
 
 def write_clip(frames: list, stem: Path) -> tuple:

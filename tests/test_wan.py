@@ -264,3 +264,18 @@ def test_i2v_students_train_resume_export_and_reload(folder_i2v, tmp_path, objec
                    output_type="latent", **recipe["pipeline_kwargs"]).frames
     expected = generator.sample(noise, source.encode(torch.tensor([1])))
     torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_an_i2v_export_from_a_first_frame_and_refusals(i2v_teacher, tmp_path):
+    from stepdistill.config import ConfigError, StudentConfig
+    from stepdistill.export import export_student
+    from stepdistill.sample import sample
+    from stepdistill.students.build import build_student
+
+    folder = export_student(build_student(i2v_teacher, StudentConfig(timesteps=[1000.0])), i2v_teacher,
+                            tmp_path / "export")
+    frame = _frames_folder(tmp_path / "frames") / "0.png"
+    with pytest.raises(ConfigError, match="image-to-video pipeline: give its first frame, e.g. --image"):
+        sample(folder, [PROMPT], num=1, seed=0, out=tmp_path / "none")
+    record = sample(folder, [PROMPT], num=1, seed=0, out=tmp_path / "samples", image=frame)
+    assert record["images"] == 3 and (tmp_path / "samples" / "00-a-digit-seven-moving-left-seed0.gif").is_file()
