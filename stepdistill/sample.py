@@ -86,8 +86,11 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
             for start in range(0, num, BATCH):
                 batch = seeds[start:start + BATCH]
                 generators = [torch.Generator().manual_seed(s) for s in batch]  # CPU noise: same images anywhere
+                inputs = first_frame
+                if first_frame and "Upscale" in str(recipe.get("pipeline_class")):  # one image per prompt
+                    inputs = {"image": [first_frame["image"]] * len(batch)}
                 result = pipe(prompt=[prompt] * len(batch), generator=generators, output_type="pil", **call,
-                              **first_frame)
+                              **inputs)
                 clips = getattr(result, "frames", None)
                 images = []
                 for j, s in enumerate(batch):
@@ -113,14 +116,15 @@ def sample_images(folder: Path, prompts: list[str], num: int, seed: int, out: Pa
 
 
 def _conditioning_image(folder: Path, recipe: dict, image: str | Path | None) -> dict:
-    """{"image": the picture} for an image-to-video pipeline, which needs one; refused for other pipelines."""
+    """{"image": the picture} for an image-to-video or upscaler pipeline, which needs one; refused for others."""
     from PIL import Image
 
-    needs_image = "ImageToVideo" in str(recipe.get("pipeline_class", ""))
+    needs_image = any(k in str(recipe.get("pipeline_class", "")) for k in ("ImageToVideo", "Upscale"))
     if image is None:
         if needs_image:
-            raise ConfigError(f"sample: {folder} is an image-to-video pipeline: give its first frame, e.g. --image "
-                              "frame.png")
+            raise ConfigError(f"sample: {folder} is an image-conditioned pipeline ({recipe['pipeline_class']}): give "
+                              "its input image (an image-to-video pipeline's first frame, an upscaler's "
+                              "low-resolution picture), e.g. --image frame.png")
         return {}
     if recipe and not needs_image:
         raise ConfigError(f"sample --image: {folder} is a {recipe.get('pipeline_class')}, which takes no image; "

@@ -275,7 +275,7 @@ def test_sample_an_i2v_export_from_a_first_frame_and_refusals(i2v_teacher, tmp_p
     folder = export_student(build_student(i2v_teacher, StudentConfig(timesteps=[1000.0])), i2v_teacher,
                             tmp_path / "export")
     frame = _frames_folder(tmp_path / "frames") / "0.png"
-    with pytest.raises(ConfigError, match="image-to-video pipeline: give its first frame, e.g. --image"):
+    with pytest.raises(ConfigError, match="image-conditioned pipeline .WanImageToVideoPipeline.: give its input image"):
         sample(folder, [PROMPT], num=1, seed=0, out=tmp_path / "none")
     record = sample(folder, [PROMPT], num=1, seed=0, out=tmp_path / "samples", image=frame)
     assert record["images"] == 3 and (tmp_path / "samples" / "00-a-digit-seven-moving-left-seed0.gif").is_file()

@@ -35,8 +35,8 @@ class TeacherConfig:
     # only for a separate teacher copy (not a shared-base critic or consistency's teacher_net=lora_base)
     offload: bool = False
 
-    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "flux", "wan", "wan_i2v", "auto",
-                        "mlp"),
+    CHOICES = {"kind": ("gmm", "sd", "sdxl", "pixart", "sd3", "flux", "wan", "wan_i2v",
+                        "sd_upscale", "auto", "mlp"),
                "dtype": ("auto", "fp32", "bf16", "fp16"), "schedule": ("vp", "flow")}
     RANGES = {"num_modes": ">=1", "radius": ">0", "std": ">0", "num_classes": ">=0", "flow_shift": ">0",
               "backbone_hidden": ">=1", "backbone_depth": ">=1"}

@@ -46,7 +46,7 @@ def build_objective(cfg, device: torch.device | str = "cpu", teacher=None, promp
     if teacher.image_conditioned and cfg.data.image_dir:  # conditions are images with their captions
         from stepdistill.data.images import ImageFolderDataset
 
-        images = ImageFolderDataset(cfg.data.image_dir, teacher.pixel_size, cfg.data.bad_images)
+        images = ImageFolderDataset(cfg.data.image_dir, teacher.condition_image_size, cfg.data.bad_images)
     source = ConditionSource(teacher, prompts, images)
     generator = cls.build_generator(teacher, build_backbone(teacher, cfg.student), cfg.student, cfg.objective)
     return cls(teacher, generator, source, cfg.objective, cfg.data)

@@ -61,6 +61,11 @@ class DiffusersTeacher(Teacher):
         """The side in pixels of the teacher's (square) samples."""
         return self.sample_shape[-1] * self.vae_scale()
 
+    @property
+    def condition_image_size(self) -> int:
+        """The side in pixels of an image-conditioned teacher's conditioning images."""
+        return self.pixel_size
+
     def pipeline_call_kwargs(self) -> dict:
         """What the pipeline's call needs beyond the sampling recipe to produce this teacher's samples (a video
         pipeline's frame count and size, whose call defaults are the full-size model's)."""
@@ -272,6 +277,8 @@ def detect_kind(pipe) -> str:
     """sd | sdxl | pixart | sd3 | flux from the pipeline's denoiser (its class and added conditioning)."""
     unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
     if unet is not None and type(unet).__name__ == "UNet2DConditionModel":
+        if type(pipe).__name__ == "StableDiffusionUpscalePipeline":
+            return "sd_upscale"
         return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
     name = type(transformer).__name__ if transformer is not None else ""
     if name == "PixArtTransformer2DModel":
@@ -283,7 +290,7 @@ def detect_kind(pipe) -> str:
     if name == "WanTransformer3DModel":
         return "wan_i2v" if type(pipe).__name__ == "WanImageToVideoPipeline" else "wan"
     raise ValueError(f"{type(pipe).__name__} is not a supported teacher: stepdistill handles SD1.x/2.x and SDXL "
-                     "(UNet2DConditionModel), PixArt (PixArtTransformer2DModel), SD3 (SD3Transformer2DModel), "
+                     "(UNet2DConditionModel), SD's x4 upscaler, PixArt (PixArtTransformer2DModel), SD3 (SD3Transformer2DModel), "
                      "Flux.1 (FluxTransformer2DModel) and Wan 2.1 text- and image-to-video (WanTransformer3DModel)")
 
 

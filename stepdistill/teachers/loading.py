@@ -1,5 +1,5 @@
 """Which adapter a diffusers pipeline gets, and a teacher loaded from a TeacherConfig: the one module that knows
-every diffusers teacher kind (flux.py and wan.py build on diffusers_teacher.py, so the dispatch lives above both)."""
+every diffusers teacher kind (flux.py, wan.py and upscale.py build on diffusers_teacher.py, so the dispatch lives above both)."""
 from __future__ import annotations
 
 import torch
@@ -12,9 +12,11 @@ from stepdistill.teachers.diffusers_teacher import (
     resolve_dtype,
 )
 from stepdistill.teachers.flux import FluxTeacher
+from stepdistill.teachers.upscale import SDUpscaleTeacher
 from stepdistill.teachers.wan import WanI2VTeacher, WanTeacher
 
-OWN_MODULE = {"flux": FluxTeacher, "wan": WanTeacher, "wan_i2v": WanI2VTeacher}  # adapters built on DiffusersTeacher in modules of their own
+# adapters built on DiffusersTeacher in modules of their own
+OWN_MODULE = {"flux": FluxTeacher, "wan": WanTeacher, "wan_i2v": WanI2VTeacher, "sd_upscale": SDUpscaleTeacher}
 
 
 def teacher_class(kind: str) -> type[DiffusersTeacher]:
@@ -23,7 +25,7 @@ def teacher_class(kind: str) -> type[DiffusersTeacher]:
 
 
 def load_diffusers_teacher(cfg, device: torch.device | str = "cpu") -> DiffusersTeacher:
-    """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|flux|wan|wan_i2v|auto) describes, loaded onto `device`."""
+    """The teacher a TeacherConfig (kind sd|sdxl|pixart|sd3|flux|wan|wan_i2v|sd_upscale|auto) describes, loaded onto `device`."""
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg.path, cfg.local_files_only, cfg.revision, cfg.variant, dtype, cfg.trust_remote_code)

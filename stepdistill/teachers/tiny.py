@@ -12,6 +12,7 @@ import torch
 
 TINY_KINDS = ("sd", "sdxl", "pixart", "sd3", "flux")  # image pipelines
 TINY_VIDEO_KINDS = ("wan", "wan_i2v")
+TINY_SR_KINDS = ("sd_upscale",)
 LATENT_SIZE = 8  # latents are 4 x 8 x 8; the tiny VAE downsamples by 2, so images are 16 x 16
 CLIP_MAX_LENGTH = 77
 
@@ -58,11 +59,12 @@ def _t5_encoder(tokenizer, d_model: int):
 def _vae(**overrides):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    settings = dict(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, sample_size=2 * LATENT_SIZE, **overrides,
+        norm_num_groups=32, sample_size=2 * LATENT_SIZE,
     )
+    return AutoencoderKL(**{**settings, **overrides})
 
 
 def _sd_scheduler():
@@ -76,18 +78,19 @@ def _sd_scheduler():
 def _unet(cross_attention_dim: int, **overrides):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    settings = dict(
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32, **overrides,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
     )
+    return UNet2DConditionModel(**{**settings, **overrides})
 
 
 def build_tiny_pipeline(kind: str, seed: int = 0):
     """A randomly initialized tiny pipeline of `kind` (sd | sdxl | pixart | sd3 | flux | wan), deterministic in
     `seed`."""
     if kind not in _BUILDERS:
-        raise ValueError(f"tiny pipeline kind {kind!r} is not one of {TINY_KINDS + TINY_VIDEO_KINDS}")
+        raise ValueError(f"tiny pipeline kind {kind!r} is not one of {TINY_KINDS + TINY_VIDEO_KINDS + TINY_SR_KINDS}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return _BUILDERS[kind]()
@@ -217,8 +220,24 @@ def _build_wan_i2v():
         image_processor=CLIPImageProcessor(crop_size=32, size=32))
 
 
+def _build_sd_upscale():
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+    # SD's x4 upscaler in miniature (diffusers' own upscaler test): the UNet takes 4 latent + 3 image channels and
+    # the noise level as a class label; the VAE downsamples by 4, so latents are as large as the low-res input
+    tokenizer = tiny_clip_tokenizer()
+    unet = _unet(32, in_channels=7, num_class_embeds=100)
+    vae = _vae(block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+               up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333, sample_size=4 * LATENT_SIZE)
+    return StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=_clip_text_model(tokenizer), tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(), max_noise_level=350,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
+                                prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False))
+
+
 _BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux,
-             "wan": _build_wan, "wan_i2v": _build_wan_i2v}
+             "wan": _build_wan, "wan_i2v": _build_wan_i2v, "sd_upscale": _build_sd_upscale}
 
 
 def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0) -> Path:
