@@ -121,3 +121,22 @@ def test_sample_upscales_a_given_image_and_refuses_none(teacher, tmp_path):
     record = sample(export, ["a photo of a cat", "a dog"], num=2, seed=0, out=tmp_path / "samples", image=low)
     assert record["images"] == 4
     assert Image.open(tmp_path / "samples" / "00-a-photo-of-a-cat-seed1.png").size == (4 * LOW, 4 * LOW)
+
+
+@pytest.mark.parametrize("objective", [["objective.name=consistency", "objective.data=teacher",
+                                        "objective.pairs.num=4", "objective.pairs.steps=2",
+                                        "student.timesteps=[999,499]"],
+                                       ["objective.name=ladd", "objective.pairs.num=4", "objective.pairs.steps=2"]],
+                         ids=["consistency", "ladd"])
+def test_consistency_and_ladd_take_the_image_condition(folder, tmp_path, objective):
+    """Every objective that reads its conditions from the source gets the low-resolution image with the prompt (LADD's
+    discriminator probes the teacher with fields of the conditioning's shapes)."""
+    low = _low_res_folder(tmp_path / "low")
+    trainer = Trainer(load_config(None, [
+        "teacher.kind=sd_upscale", f"teacher.path={folder}", f"data.image_dir={low}", *objective,
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=0",
+        "train.report_to=none", "train.progress=false", "train.num_validation_samples=1",
+        "train.mixed_precision='no'"]))
+    assert trainer.train().step == 2
+    assert set(trainer.objective.source.encode(torch.tensor([0])).fields) == {"encoder_hidden_states", "image",
+                                                                           "class_labels"}

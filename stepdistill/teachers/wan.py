@@ -130,6 +130,10 @@ class WanI2VTeacher(WanTeacher):
         fields = super().fields_like(batch_size, device)
         fields["condition"] = torch.randn(batch_size, 4 + self.pipe.vae.config.z_dim, *self.sample_shape[1:],
                                           device=device)
+        if self.pipe.image_encoder is not None:  # CLIP's patch tokens and its class token
+            vision = self.pipe.image_encoder.config
+            tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+            fields["encoder_hidden_states_image"] = torch.randn(batch_size, tokens, vision.hidden_size, device=device)
         return fields
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> Tensor:

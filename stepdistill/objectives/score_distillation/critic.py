@@ -54,9 +54,10 @@ class TokenMean(nn.Module):
 
 
 def probe_fields(teacher: Teacher, device: torch.device) -> dict[str, Tensor]:
-    """Conditioning of one probe sample: the teacher's encoding of its probe condition, or on the meta device
-    (the memory planner's trace, where no text encoder runs) fields of the same shapes."""
-    if device.type == "meta":
+    """Conditioning of one probe sample: the teacher's encoding of its probe condition, or fields of the same
+    shapes on the meta device (the memory planner's trace, where no text encoder runs) and for an image-conditioned
+    teacher (whose conditions come with images from the data)."""
+    if device.type == "meta" or teacher.image_conditioned:
         return teacher.fields_like(1, device)
     return teacher.encode(teacher.probe_condition()).to(device).fields
 
