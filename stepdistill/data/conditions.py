@@ -34,7 +34,7 @@ class ConditionSource:
         self.num_classes = int(teacher.num_classes)
         self.images = images  # conditioning images, one per prompt (ImageFolderDataset): image-conditioned teachers
         self._image_fields: dict[int, dict[str, Tensor]] = {}  # per condition index, batch of 1, on CPU
-        if teacher.image_conditioned:
+        if teacher.image_conditioned and torch.device(teacher.device).type != "meta":  # meta: the planner, no data
             if images is None:
                 raise ValueError(f"the {type(teacher).__name__} teacher is conditioned on an image as well as a "
                                  "prompt: set data.image_dir to a folder of images with their captions in "
@@ -43,6 +43,7 @@ class ConditionSource:
                 raise ValueError(f"data.image_dir {images.root} has no metadata.jsonl: an image-conditioned "
                                  "teacher takes each image with its caption ({\"file_name\": ..., \"text\": ...} "
                                  "per line)")
+        if images is not None:
             prompts = images.captions
         self.prompts = prompts if prompts is None or isinstance(prompts, PromptFile) else list(prompts)
         if self.prompts is not None and not len(self.prompts):

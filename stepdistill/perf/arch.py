@@ -1,5 +1,5 @@
 """Teachers at real scale with random weights: SD1.5, SD2.1 (768-v and 512-base), SDXL, PixArt-alpha (1024 and 512),
-SD3-medium, Flux.1 and Wan 2.1 T2V-1.3B pipelines built from their published architecture configs (`assets/arch/*.json`, each naming
+SD3-medium, Flux.1, Wan 2.1 T2V-1.3B and I2V-14B pipelines built from their published architecture configs (`assets/arch/*.json`, each naming
 the hub files it copies and the hub ids it describes), no download. Speed and memory do not depend on weight values.
 
 Build on `torch.device("meta")` for shapes and bytes without memory (the planner). At real size on CPU the text
@@ -21,9 +21,9 @@ from stepdistill.teachers.tiny import TINY_KINDS, TINY_VIDEO_KINDS
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "assets" / "arch"
 REAL_MODELS = ("sd15", "sd21", "sd21-base", "sdxl", "pixart", "pixart-512", "sd3", "flux", "flux-schnell",
-               "wan21-t2v-1.3b")
+               "wan21-t2v-1.3b", "wan21-i2v-14b-480p")
 KIND_DEFAULT = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3", "flux": "flux",  # teacher.kind
-                "wan": "wan21-t2v-1.3b"}
+                "wan": "wan21-t2v-1.3b", "wan_i2v": "wan21-i2v-14b-480p"}
 MODELS = tuple(f"tiny-{k}" for k in TINY_KINDS + TINY_VIDEO_KINDS) + REAL_MODELS
 TEXT_ENCODERS = ("full", "reduced")
 
@@ -84,6 +84,17 @@ def build_real_pipeline(model: str, text_encoders: str = "full"):
         if name.startswith("text_encoder"):
             tokenizer = components["tokenizer" + name.removeprefix("text_encoder")]
             components[name] = _text_encoder(spec, tokenizer, text_encoders == "reduced")
+        elif name == "image_encoder":  # a CLIP vision tower (image-to-video), at its real size
+            import transformers
+
+            spec = dict(spec)
+            cls = getattr(transformers, spec.pop("_class_name"))
+            components[name] = cls(transformers.CLIPVisionConfig(**spec))
+        elif name == "image_processor":
+            import transformers
+
+            spec = dict(spec)
+            components[name] = getattr(transformers, spec.pop("_class_name"))(**spec)
         elif name == "scheduler":  # its tables stay on the CPU, as diffusers keeps them
             with torch.device("cpu"):
                 components[name] = getattr(diffusers, spec["_class_name"]).from_config(spec)
