@@ -279,3 +279,40 @@ def test_sample_an_i2v_export_from_a_first_frame_and_refusals(i2v_teacher, tmp_p
         sample(folder, [PROMPT], num=1, seed=0, out=tmp_path / "none")
     record = sample(folder, [PROMPT], num=1, seed=0, out=tmp_path / "samples", image=frame)
     assert record["images"] == 3 and (tmp_path / "samples" / "00-a-digit-seven-moving-left-seed0.gif").is_file()
+
+
+def test_the_sliding_window_chains_windows_by_their_last_frame(i2v_teacher, tmp_path):
+    """Each window after the first is conditioned on the previous window's last frame and drops its re-rendered
+    first frame: 3 windows of 5 frames give 13; the seam distances come from the transitions that cross windows."""
+    from PIL import Image
+
+    from stepdistill.pipelines.sliding import sliding_window, seam_distances
+
+    pipe = i2v_teacher.pipe
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["image"])
+        return type(pipe).__call__(pipe, *args, **kwargs)
+
+    frame = Image.open(_frames_folder(tmp_path / "frames") / "0.png")
+    frames = sliding_window(recording, PROMPT, frame, 3, num_inference_steps=1, height=PIXELS, width=PIXELS,
+                            num_frames=FRAMES, generator=torch.Generator().manual_seed(0))
+    assert len(frames) == 3 * (FRAMES - 1) + 1 and seen[0] is frame
+    assert seen[1] is frames[FRAMES - 1] and seen[2] is frames[2 * (FRAMES - 1)]
+    seam, inside = seam_distances(frames, FRAMES)
+    assert seam > 0 and inside > 0
+    with pytest.raises(ValueError, match="no seam"):
+        seam_distances(frames[:FRAMES], FRAMES)
+
+
+def test_seam_distances_separate_the_transitions_across_windows():
+    from PIL import Image
+
+    from stepdistill.pipelines.sliding import seam_distances
+
+    black, white = Image.new("RGB", (4, 4), "black"), Image.new("RGB", (4, 4), "white")
+    # two windows of 3 frames chained: black black black | white white (a jump exactly at the seam)
+    assert seam_distances([black, black, black, white, white], 3) == (1.0, 0.0)
+    assert seam_distances([black, white, black, black, white], 3) == (0.0, 1.0)
