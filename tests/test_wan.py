@@ -286,7 +286,7 @@ def test_the_sliding_window_chains_windows_by_their_last_frame(i2v_teacher, tmp_
     first frame: 3 windows of 5 frames give 13; the seam distances come from the transitions that cross windows."""
     from PIL import Image
 
-    from stepdistill.pipelines.sliding import sliding_window, seam_distances
+    from stepdistill.pipelines.sliding import seam_distances, sliding_window
 
     pipe = i2v_teacher.pipe
     pipe.set_progress_bar_config(disable=True)
