@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((ROOT / "eval/sweeps/score_warm.yaml").read_text())
 # preset -> (its second stage's name, the sweep cell it ships)
 PRESETS = {"vsd_warm_digits": ("vsd", "vsd_tg_lr2"), "snoopi_warm_digits": ("snoopi", "pgsb_tg_lr2"),
-           "sid_warm_digits": ("sid", "sid")}
+           "sid_warm_digits": ("sid", "sid_k15_lr1")}
 
 
 def _cell_config(cell: str, out: Path):
@@ -41,7 +41,7 @@ def test_warm_preset_is_its_sweep_cell(preset, tmp_path):
     assert score.objective == swept.objective
     assert (score.train.max_steps, score.train.batch_size, score.train.lr_scheduler, score.train.ema_decay) == (
         swept.train.max_steps, swept.train.batch_size, swept.train.lr_scheduler, swept.train.ema_decay)
-    assert score.objective.generator_lr == (5e-5 if stage_name == "sid" else 2e-5)
+    assert score.objective.generator_lr == (1e-5 if stage_name == "sid" else 2e-5)
     assert score.objective.critic_lr == 1e-3
 
 
