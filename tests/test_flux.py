@@ -238,6 +238,8 @@ PUBLISHED = {  # backbone parameters of the published checkpoints, latent shape 
     "pixart": (611_349_152, (4, 128, 128), "epsilon"), "pixart-512": (610_856_096, (4, 64, 64), "epsilon"),
     "sd3": (2_028_328_000, (16, 128, 128), "flow"), "flux": (11_901_408_320, (16, 128, 128), "flow"),
     "flux-schnell": (11_891_178_560, (16, 128, 128), "flow"),
+    "wan21-t2v-1.3b": (1_418_996_800, (16, 21, 60, 104), "flow"),  # 81 frames at 480 x 832
+    "wan21-i2v-14b-480p": (16_394_878_784, (16, 21, 60, 104), "flow"),
 }
 
 
