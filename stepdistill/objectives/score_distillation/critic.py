@@ -26,6 +26,14 @@ def bottleneck_module(net: nn.Module) -> nn.Module:
                      "transformer_blocks or blocks)")
 
 
+def block_hidden_states(output) -> Tensor:
+    """The hidden states a block passes on: joint-attention blocks (SD3, Flux) return (text tokens, image tokens),
+    UNet down blocks (hidden states, skip connections); the heads read the image's."""
+    if isinstance(output, tuple):
+        return [o for o in output if isinstance(o, Tensor)][-1]
+    return output
+
+
 def classifier_head(feature_shape: tuple[int, ...]) -> nn.Module:
     """DMD2's discriminator head on bottleneck features of shape [C, H, W], [L, D] or [D]: 4x4 convs with
     stride 2 + GroupNorm + SiLU down to 4x4, one conv to 1x1, then a 1x1 conv to a logit. GroupNorm keeps the
@@ -77,9 +85,8 @@ class Critic(nn.Module):
         self.head = self._build_head() if with_head else None
 
     def _capture(self, module: nn.Module, inputs: tuple, output) -> None:
-        # joint-attention blocks (SD3, Flux) return (text tokens, image tokens): the head reads the image tokens
         if self._recording:
-            self._features.append(output[-1] if isinstance(output, tuple) else output)
+            self._features.append(block_hidden_states(output))
 
     def _run(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """(raw fake-score output, bottleneck features)."""

@@ -23,7 +23,12 @@ from torch.utils.data import Dataset
 from stepdistill.config.schema import ConfigError, PairsConfig
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
-from stepdistill.objectives.score_distillation.critic import classifier_head, frozen, probe_fields
+from stepdistill.objectives.score_distillation.critic import (
+    block_hidden_states,
+    classifier_head,
+    frozen,
+    probe_fields,
+)
 from stepdistill.objectives.score_distillation.real_data import RealSamples
 from stepdistill.teachers.base import Cond, Teacher
 
@@ -45,14 +50,6 @@ def default_feature_blocks(num_blocks: int) -> list[int]:
     """Three blocks spread over the upper half of the depth, the last included (FastGen's Wan: 15, 22, 29 of 30)."""
     half = num_blocks // 2
     return sorted({half, (half + num_blocks - 1) // 2, num_blocks - 1})
-
-
-def _block_output(output) -> Tensor:
-    """The hidden states a block passes on: joint-attention blocks return (text tokens, image tokens), UNet down
-    blocks (hidden states, skip connections)."""
-    if isinstance(output, tuple):
-        return [o for o in output if isinstance(o, Tensor)][-1]
-    return output
 
 
 class TeacherFeatureDiscriminator(nn.Module):
@@ -80,7 +77,7 @@ class TeacherFeatureDiscriminator(nn.Module):
     def _capture(self, index: int):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
             if self._recording:
-                self._features[index] = _block_output(output)
+                self._features[index] = block_hidden_states(output)
         return hook
 
     def features(self, x_t: Tensor, t: Tensor, fields: dict[str, Tensor]) -> list[Tensor]:
