@@ -145,8 +145,7 @@ class ScoreDistillation(Objective):
         """Which student step is trained: uniform over the student's steps, drawn from a generator seeded by the
         training step, so every process picks the same one (the official code broadcasts it from rank 0) and a
         resumed run repeats it."""
-        n = self.generator.num_steps
-        return 0 if n == 1 else int(torch.randint(0, n, (1,), generator=torch.Generator().manual_seed(step)))
+        return draw_student_step(self.generator.num_steps, step)
 
     def generator_input(self, noise: Tensor, cond: Cond, k: int) -> Tensor:
         """Input of student step k: pure noise for k = 0; for k > 0, with backward simulation, the student's own
@@ -281,6 +280,13 @@ class ScoreDistillation(Objective):
             total = total + c.gan_critic_weight * loss_d
         losses["loss"] = total
         return losses
+
+
+def draw_student_step(num_steps: int, step: int) -> int:
+    """A student step uniform over `num_steps`, from a generator seeded by the training step `step`."""
+    if num_steps == 1:
+        return 0
+    return int(torch.randint(0, num_steps, (1,), generator=torch.Generator().manual_seed(step)))
 
 
 def real_guidance_sampler(config: ScoreDistillationConfig) -> GuidanceSampler:

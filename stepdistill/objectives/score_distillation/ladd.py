@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from stepdistill.config.schema import ConfigError, PairsConfig
 from stepdistill.data import PairDataset, generate_pairs
 from stepdistill.objectives.base import Objective, ObjectiveConfig, OptimizerGroup
+from stepdistill.objectives.score_distillation.base import draw_student_step
 from stepdistill.objectives.score_distillation.critic import (
     block_hidden_states,
     classifier_head,
@@ -183,8 +184,7 @@ class LADD(Objective):
     def student_sample(self, cond: Cond, step: int, grad: bool) -> Tensor:
         """A student sample at a uniformly drawn step k (seeded by the training step, as DMD2's), its input the
         student's own k-step rollout without gradient (backward simulation, DMD2 §4.4)."""
-        n = self.generator.num_steps
-        k = 0 if n == 1 else int(torch.randint(0, n, (1,), generator=torch.Generator().manual_seed(step)))
+        k = draw_student_step(self.generator.num_steps, step)
         x_in = self.noise(len(cond))
         if k > 0:
             x_in = self.generator.simulate(x_in, cond, k)
